@@ -1,0 +1,13 @@
+"""altlora: train LoRA adapters with the AltLoRA and AltLoRA+ optimizers.
+
+>>> import altlora
+>>> opt = altlora.AltLoRA(peft_model, lr=3e-2)          # LoRA pairs found by module
+>>> opt = altlora.AltLoRAPlus(altlora.find_lora_pairs(model), lr=1e-3)
+"""
+
+from .optimizers import DEFAULT_DAMPING, DEFAULT_OTHER_LR, AltLoRA, AltLoRAPlus
+from .pairs import LoRAPair, find_lora_pairs
+
+__version__ = "0.1.0"
+
+__all__ = ["AltLoRA", "AltLoRAPlus", "LoRAPair", "find_lora_pairs", "DEFAULT_DAMPING", "DEFAULT_OTHER_LR", "__version__"]

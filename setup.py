@@ -1,0 +1,23 @@
+"""Installs ``altlora`` (python/altlora) and ``altlora_kernels`` (the compute layer).
+
+The native extension in csrc/ is optional and not built yet (see csrc/README.md).
+"""
+
+from setuptools import setup
+
+setup(
+    name="altlora",
+    version="0.1.0",
+    description="AltLoRA and AltLoRA+ optimizers for LoRA adapters, with fused kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["altlora", "altlora_kernels"],
+    package_dir={"altlora": "python/altlora", "altlora_kernels": "altlora_kernels"},
+    install_requires=["torch>=2.4"],
+    extras_require={
+        "peft": ["peft>=0.10", "transformers>=4.40"],
+        "test": ["pytest>=7", "peft>=0.10", "transformers>=4.40"],
+    },
+    license="Apache-2.0",
+)
