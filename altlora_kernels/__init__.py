@@ -12,7 +12,7 @@ This package never imports ``altlora``.
 """
 
 from .adamw import adamw_step
-from .backends import BACKENDS, phase_update, resolve_backend
+from .backends import BACKENDS, phase_update, resolve_backend, unavailable_reason
 from .cholesky import damped_cholesky, damping_ladder
 from .nonfinite import nonfinite_flag
 from .phase_update import FactorGroup, PhaseHyperParams, phase_update_torch
@@ -21,6 +21,7 @@ __all__ = [
     "BACKENDS",
     "phase_update",
     "resolve_backend",
+    "unavailable_reason",
     "FactorGroup",
     "PhaseHyperParams",
     "adamw_step",

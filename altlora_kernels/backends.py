@@ -1,33 +1,72 @@
 """Backend selection and dispatch of the phase update.
 
-``"torch"`` runs everywhere. ``"auto"`` picks the fastest backend available for the device and
-falls back to ``"torch"`` quietly; naming a backend that cannot run raises a ``RuntimeError``
-that says why.
+Each concrete backend is a module of this package that defines
+
+    unavailable_reason(device: torch.device | None) -> str | None   # None: it can run there
+    phase_update(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_inf: Tensor | None) -> None
+
+with the semantics of ``phase_update.py`` (the torch backend, which runs everywhere). A backend
+whose module is missing or whose ``unavailable_reason`` says so cannot be chosen: naming it raises
+a ``RuntimeError`` that says why; ``"auto"`` takes the first available one in ``AUTO_ORDER`` for
+the device and falls back to ``"torch"`` quietly.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Optional, Sequence
 
 import torch
 
-from .phase_update import FactorGroup, PhaseHyperParams, phase_update_torch
+from .phase_update import FactorGroup, PhaseHyperParams
 
-__all__ = ["BACKENDS", "resolve_backend", "phase_update"]
+__all__ = ["BACKENDS", "AUTO_ORDER", "unavailable_reason", "resolve_backend", "phase_update"]
 
-BACKENDS = ("auto", "torch", "triton")
+_MODULES = {
+    "torch": "phase_update",
+    "triton": "triton_phase_update",
+    "native": "native_phase_update",
+}
+BACKENDS = ("auto",) + tuple(_MODULES)
+
+# Preference of "auto" per device type; "torch" always closes the list.
+AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("native", "torch")}
+
+
+def _module(name: str):
+    try:
+        return importlib.import_module(f".{_MODULES[name]}", __package__)
+    except ModuleNotFoundError as err:
+        if err.name and err.name.endswith(_MODULES[name]):
+            return None
+        raise
+
+
+def unavailable_reason(name: str, device: Optional[torch.device] = None) -> Optional[str]:
+    """Why backend ``name`` cannot run on ``device``, or None if it can."""
+    if name not in _MODULES:
+        raise ValueError(f"Invalid backend: {name!r} (expected one of {', '.join(BACKENDS)})")
+    module = _module(name)
+    if module is None:
+        return f"backend={name!r} is not part of this build of altlora"
+    return module.unavailable_reason(device)
 
 
 def resolve_backend(name: str, device: Optional[torch.device] = None) -> str:
-    """The concrete backend for ``name`` on ``device``; raises if it cannot run there."""
+    """The concrete backend for ``name`` on ``device``; raises ``RuntimeError`` if it cannot run there.
+
+    ``device`` is the one device all LoRA factors live on, or None when they are spread over several
+    (then ``"auto"`` means ``"torch"``).
+    """
     if name not in BACKENDS:
         raise ValueError(f"Invalid backend: {name!r} (expected one of {', '.join(BACKENDS)})")
-    if name == "triton":
-        raise RuntimeError(
-            "backend='triton' is not available in this build of altlora yet (the fused Triton phase "
-            "update is work in progress); use backend='torch' or backend='auto'."
-        )
-    return "torch"
+    if name == "auto":
+        order = AUTO_ORDER.get(device.type, ("torch",)) if device is not None else ("torch",)
+        return next(b for b in order if unavailable_reason(b, device) is None)
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise RuntimeError(f"{reason}; use backend='torch' (runs everywhere) or backend='auto'")
+    return name
 
 
 def phase_update(
@@ -37,7 +76,7 @@ def phase_update(
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
     """One phase for every group with the named concrete backend (see ``phase_update.py``)."""
-    if backend == "torch":
-        phase_update_torch(groups, hp, found_inf)
-    else:
+    module = _module(backend)
+    if module is None:
         raise ValueError(f"unknown concrete backend {backend!r}")
+    module.phase_update(groups, hp, found_inf)

@@ -38,7 +38,7 @@ import torch
 
 from .cholesky import damped_cholesky
 
-__all__ = ["PhaseHyperParams", "FactorGroup", "phase_update_torch"]
+__all__ = ["PhaseHyperParams", "FactorGroup", "phase_update_torch", "phase_update", "unavailable_reason"]
 
 
 @dataclass(frozen=True)
@@ -134,3 +134,11 @@ def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optiona
         variance.copy_(_keep_old(found_inf, variance, new_variance))
     g.step.copy_(_keep_old(found_inf, g.step, new_step))
     torch._foreach_copy_(list(g.params), list(new_stored.unbind(0)))
+
+
+def unavailable_reason(device=None):
+    """The torch backend runs on every device."""
+    return None
+
+
+phase_update = phase_update_torch  # the backend-module interface of backends.py
