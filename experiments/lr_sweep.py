@@ -1,0 +1,91 @@
+"""The learning-rate sweep behind ``altlora finetune``'s default learning rates.
+
+One seed (0), the default settings of ``altlora finetune`` (MiniLM, LoRA r 8 / α 16 on
+query/key/value/dense, batch 32, 64 tokens, the default number of steps), a grid of learning rates
+per optimizer, and for AltLoRA also the damping λ (DESIGN.md §5 found both matter). Writes
+``experiments/results/lr_sweep.json`` and ``lr_sweep.md``; the best validation accuracy per
+optimizer is the default in ``python/altlora/finetune/optimizers.py``.
+
+Run: ``.venv/bin/python experiments/lr_sweep.py [--steps N] [--only NAME,...]`` (about an hour on
+2 CPU cores for the whole grid). Results of finished runs are kept, so an interrupted sweep resumes.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+from altlora.cli import DEFAULT_STEPS
+from altlora.finetune.data import TokenizedSet, load_snippets, split_by_movie
+from altlora.finetune.model import load_tokenizer
+from altlora.finetune.train import RunConfig, train_run
+
+GRID = {
+    "adamw": [dict(lr=lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3)],
+    "loraplus": [dict(lr=lr) for lr in (3e-5, 1e-4, 3e-4, 1e-3)],
+    "altloraplus": [dict(lr=lr) for lr in (3e-4, 1e-3, 3e-3)],
+    "altlora": [dict(lr=lr, damping=d) for d in (1e-6, 1e-4, 1e-2) for lr in (1e-2, 3e-2, 1e-1)],
+    "sgd": [dict(lr=lr) for lr in (0.1, 0.3, 1.0, 3.0)],
+}
+HERE = os.path.dirname(os.path.abspath(__file__))
+OUT = os.path.join(HERE, "results", "lr_sweep.json")
+
+
+def key(name, setting):
+    return name + "".join(f" {k}={v:g}" for k, v in sorted(setting.items()))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    parser.add_argument("--only", default=",".join(GRID))
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    torch.set_num_threads(args.threads)
+    done = {}
+    if os.path.exists(OUT):
+        with open(OUT) as fh:
+            done = {r["key"]: r for r in json.load(fh)["runs"] if r["steps"] == args.steps}
+    tokenizer = load_tokenizer()
+    train, val = split_by_movie(load_snippets())
+    train, val = TokenizedSet(train, tokenizer, 64), TokenizedSet(val, tokenizer, 64)
+    for name in args.only.split(","):
+        for setting in GRID[name]:
+            k = key(name, setting)
+            if k in done:
+                continue
+            start = time.time()
+            r = train_run(RunConfig(optimizer=name, seed=0, steps=args.steps, **setting), train, val)
+            done[k] = {"key": k, "optimizer": name, **setting, "steps": args.steps,
+                       "val_accuracy": None if r.diverged_at else r.final_accuracy,
+                       "final_loss": r.final_loss, "diverged_at": r.diverged_at, "evals": r.evals,
+                       "seconds": round(time.time() - start, 1)}
+            print(f"{k}: acc {done[k]['val_accuracy']}, loss {r.final_loss:.4f}, diverged {r.diverged_at}, "
+                  f"{done[k]['seconds']} s", flush=True)
+            write(done, args.steps)
+
+
+def write(done, steps):
+    runs = sorted(done.values(), key=lambda r: (r["optimizer"], r.get("damping") or 0, r["lr"]))
+    with open(OUT, "w") as fh:
+        json.dump({"steps": steps, "seed": 0, "torch": torch.__version__, "runs": runs}, fh, indent=1)
+    lines = [f"# Learning-rate sweep ({steps} steps, seed 0, validation accuracy)", "",
+             "| optimizer | lr | damping | val. accuracy | final train loss |", "|---|---|---|---|---|"]
+    best = {}
+    for r in runs:
+        acc = "diverged" if r["val_accuracy"] is None else f"{r['val_accuracy']:.4f}"
+        lines.append(f"| {r['optimizer']} | {r['lr']:g} | {r.get('damping', '')} | {acc} | {r['final_loss']:.4f} |")
+        if r["val_accuracy"] is not None and r["val_accuracy"] > best.get(r["optimizer"], (-1,))[0]:
+            best[r["optimizer"]] = (r["val_accuracy"], r["key"])
+    lines += ["", "Best per optimizer: " + "; ".join(f"{v[1]} ({v[0]:.4f})" for v in best.values())]
+    with open(OUT.replace(".json", ".md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Tables, JSON/CSV and the PNG of curves for a set of fine-tuning runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+from collections import OrderedDict
+from typing import Dict, List, Sequence
+
+from .errors import CLIError
+from .train import RunResult
+
+__all__ = ["summarize", "format_table", "write_outputs", "plot_curves", "mean_std"]
+
+
+def mean_std(values: Sequence[float]) -> str:
+    values = [v for v in values if not math.isnan(v)]
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}"
+
+
+def summarize(results: Sequence[RunResult]) -> "OrderedDict[str, List[RunResult]]":
+    groups: "OrderedDict[str, List[RunResult]]" = OrderedDict()
+    for r in results:
+        groups.setdefault(label_of(r), []).append(r)
+    return groups
+
+
+def label_of(r: RunResult) -> str:
+    c = r.config
+    label = f"{c.optimizer} lr={c.lr:g}"
+    if c.optimizer in ("altlora", "altloraplus") and (c.schedule, c.order) != ("alternate", "BA"):
+        label += f" {c.schedule}/{c.order}"
+    return label
+
+
+def format_table(results: Sequence[RunResult]) -> str:
+    """Markdown table: one row per (optimizer, lr, schedule), mean ± std over seeds."""
+    header = "| optimizer | seeds | val. accuracy | final train loss | s/step | optimizer state |"
+    lines = [header, "|---|---|---|---|---|---|"]
+    for label, runs in summarize(results).items():
+        ok = [r for r in runs if r.diverged_at is None]
+        diverged = [r for r in runs if r.diverged_at is not None]
+        acc = mean_std([r.final_accuracy for r in ok]) if ok else "—"
+        loss = mean_std([r.final_loss for r in ok]) if ok else "—"
+        if diverged:
+            acc += f" ({len(diverged)} diverged at step {', '.join(str(r.diverged_at) for r in diverged)})"
+        sps = statistics.mean(r.seconds_per_step for r in runs)
+        state = max(r.state_bytes for r in runs)
+        lines.append(f"| {label} | {len(runs)} | {acc} | {loss} | {sps:.3f} | {state / 2**20:.2f} MiB |")
+    return "\n".join(lines)
+
+
+def write_outputs(results: Sequence[RunResult], out_dir: str, meta: Dict) -> Dict[str, str]:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        paths = {k: os.path.join(out_dir, f) for k, f in
+                 (("json", "results.json"), ("csv", "results.csv"), ("table", "results.md"), ("png", "curves.png"))}
+        with open(paths["json"], "w") as fh:
+            json.dump({"meta": meta, "runs": [r.to_dict() for r in results]}, fh, indent=1)
+        with open(paths["csv"], "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["optimizer", "lr", "seed", "schedule", "order", "steps", "val_accuracy", "final_train_loss",
+                        "seconds_per_step", "state_bytes", "diverged_at"])
+            for r in results:
+                c = r.config
+                w.writerow([c.optimizer, c.lr, c.seed, c.schedule, c.order, c.steps,
+                            "" if r.diverged_at else f"{r.final_accuracy:.4f}", f"{r.final_loss:.4f}",
+                            f"{r.seconds_per_step:.4f}", r.state_bytes, r.diverged_at or ""])
+        with open(paths["table"], "w") as fh:
+            fh.write(f"{meta.get('title', 'altlora finetune')}\n\n{format_table(results)}\n\n")
+            fh.write("".join(f"- {k}: {v}\n" for k, v in meta.items() if k != "title"))
+        plot_curves(results, paths["png"])
+    except OSError as err:
+        raise CLIError(f"cannot write results to {out_dir}: {err.strerror or err}") from None
+    return paths
+
+
+def _smooth(values: Sequence[float], weight: float = 0.9) -> List[float]:
+    out, avg = [], None
+    for v in values:
+        avg = v if avg is None else weight * avg + (1 - weight) * v
+        out.append(avg)
+    return out
+
+
+def plot_curves(results: Sequence[RunResult], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise CLIError("matplotlib is not installed (needed for the PNG of curves): run ./setup.sh, or pip install matplotlib") from None
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for label, runs in summarize(results).items():
+        n = min(len(r.losses) for r in runs)
+        if n:
+            mean_loss = [statistics.mean(r.losses[i] for r in runs) for i in range(n)]
+            ax_loss.plot(range(1, n + 1), _smooth(mean_loss), label=label)
+        steps = sorted({s for r in runs for s, _ in r.evals})
+        acc = [statistics.mean(a for r in runs for s, a in r.evals if s == step) for step in steps]
+        ax_acc.plot(steps, acc, marker="o", markersize=3, label=label)
+    ax_loss.set(xlabel="step", ylabel="training loss (EMA 0.9, mean over seeds)", title="Training loss")
+    ax_acc.set(xlabel="step", ylabel="validation accuracy", title="Validation accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
