@@ -11,12 +11,14 @@ __all__ = ["nonfinite_flag"]
 
 
 def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
-    """0-dim float32 tensor, 1.0 if any element of ``tensors`` is not finite, else 0.0.
+    """0-dim float32 tensor, 1.0 if any element of ``tensors`` is not finite, else 0.0; no host sync.
 
-    One multi-tensor ∞-norm per (device, dtype) bucket, then one reduction of the norms; no host
-    sync. The ∞-norm (max |x|) is Inf only where the data holds an Inf, unlike the 2-norm, which
-    overflows for large finite bf16/fp16 values; a NaN propagates through it. Returns None for an
-    empty list. With tensors on several devices the flag lives on the first one's device.
+    Uses the multi-tensor check that ``GradScaler`` runs on gradients (one launch per device and
+    dtype, a real fused loop on CPU too) with a scale of exactly 1, so the values are unchanged.
+    Where that op is unavailable, a multi-tensor ∞-norm does the same job (max |x| is Inf only
+    where the data holds an Inf, unlike the 2-norm, which overflows for large finite bf16/fp16
+    values, and a NaN propagates through it). Returns None for an empty list. With tensors on
+    several devices the flag lives on the first one's device.
     """
     if not tensors:
         return None
@@ -25,8 +27,12 @@ def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
         buckets[(t.device, t.dtype)].append(t)
     first = tensors[0].device
     flags = []
-    for ts in buckets.values():
-        norms = torch.stack(torch._foreach_norm(ts, ord=float("inf")))
-        flags.append((~torch.isfinite(norms).all()).to(first))
-    flag = flags[0] if len(flags) == 1 else torch.stack(flags).any()
-    return flag.to(torch.float32)
+    for (device, _), ts in buckets.items():
+        found = torch.zeros((), dtype=torch.float32, device=device)
+        try:
+            torch._amp_foreach_non_finite_check_and_unscale_(ts, found, torch.ones((), device=device))
+        except (RuntimeError, NotImplementedError):
+            norms = torch.stack(torch._foreach_norm(ts, ord=float("inf")))
+            found = (~torch.isfinite(norms).all()).to(torch.float32)
+        flags.append(found.to(first))
+    return flags[0] if len(flags) == 1 else torch.stack(flags).amax()

@@ -76,8 +76,25 @@ class FactorGroup:
     snapshot: Optional[torch.Tensor] = None
 
 
-def _rows(t: torch.Tensor, transposed: bool) -> torch.Tensor:
-    return t.mT if transposed else t
+# The ops below take stacked factors in their stored layout, (L, r, d) for A and (L, k, r) for B,
+# and compute the row-form products without materializing transposes.
+
+
+def _left(m: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """m · X_row for r×r ``m``, returned in X's stored layout."""
+    return torch.bmm(x, m.mT) if transposed else torch.bmm(m, x)
+
+
+def _left_add(base: torch.Tensor, m: torch.Tensor, x: torch.Tensor, transposed: bool, beta: float, alpha: float):
+    """beta·base + alpha·(m · X_row), in the stored layout."""
+    if transposed:
+        return torch.baddbmm(base, x, m.mT, beta=beta, alpha=alpha)
+    return torch.baddbmm(base, m, x, beta=beta, alpha=alpha)
+
+
+def _row_products(x: torch.Tensor, y: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """X_row · Y_rowᵀ (r×r) from stored layouts: A·Bᵀ-like for A, Xᵀ·Y for B."""
+    return torch.bmm(x.mT, y) if transposed else torch.bmm(x, y.mT)
 
 
 def _keep_old(found_inf: Optional[torch.Tensor], old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
@@ -97,41 +114,45 @@ def phase_update_torch(
 def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optional[torch.Tensor]) -> None:
     t = g.transposed
     stored = torch.stack(list(g.params))
-    x_old = _rows(stored.float(), t)
-    grad = _rows(torch.stack(list(g.grads)).float(), t)
-    momentum = _rows(g.momentum, t)
+    x_old = stored.float()
+    grad = torch.stack(list(g.grads)).float()
 
-    chol = damped_cholesky(g.other_gram, hp.damping)
-    scaled_grad = torch.cholesky_solve(grad, chol) * g.inv_scale_sq[:, None, None]
-    carry = torch.cholesky_solve(g.other_cross, chol)  # P · C_Y
-    new_momentum = torch.baddbmm(scaled_grad, carry, momentum, beta=1.0 - hp.beta1, alpha=hp.beta1)
-
-    new_step = g.step + 1.0
+    # NOTE: P is formed from the Cholesky factor of the *damped* Gram (never by inverting a raw
+    # Gram) and applied with bmm: for r ≤ 128 this is as accurate as cholesky_solve and several
+    # times faster than a batched triangular solve with d right-hand sides. Scalars (1/s², 1−β1)
+    # are folded into the r×r matrices so that the d-sized tensors see as few passes as possible.
+    inverse = torch.cholesky_inverse(damped_cholesky(g.other_gram, hp.damping))  # P
+    carry = torch.bmm(inverse, g.other_cross)  # P · C_Y
+    precond = inverse * g.inv_scale_sq[:, None, None]  # P / s²
     if hp.adaptive:
-        variance = _rows(g.variance, t)
-        new_variance = torch.addcmul(variance * hp.beta2, scaled_grad, scaled_grad, value=1.0 - hp.beta2)
+        scaled_grad = _left(precond, grad, t)  # g̃
+        new_momentum = _left_add(scaled_grad, carry, g.momentum, t, beta=1.0 - hp.beta1, alpha=hp.beta1)
+        new_variance = g.variance * hp.beta2
+        new_variance.addcmul_(scaled_grad, scaled_grad, value=1.0 - hp.beta2)
+        new_step = g.step + 1.0
         bias1 = (1.0 - torch.pow(hp.beta1, new_step))[:, None, None]
         bias2 = (1.0 - torch.pow(hp.beta2, new_step))[:, None, None]
-        direction = (new_momentum / bias1) / ((new_variance / bias2).sqrt() + hp.eps)
+        update = (new_variance / bias2).sqrt_().add_(hp.eps)
+        update = torch.div(new_momentum, update).div_(bias1)
     else:
-        direction = new_momentum
-    x_new = x_old - hp.lr * (direction + hp.weight_decay * x_old)
+        new_momentum = _left(precond * (1.0 - hp.beta1), grad, t)
+        new_momentum = _left_add(new_momentum, carry, g.momentum, t, beta=1.0, alpha=hp.beta1)
+        new_step = g.step + 1.0
+        update = new_momentum
+    x_new = x_old * (1.0 - hp.lr * hp.weight_decay) if hp.weight_decay else x_old
+    x_new = torch.sub(x_new, update, alpha=hp.lr)
 
-    new_stored = _rows(x_new, t).to(stored.dtype)
-    new_stored = _keep_old(found_inf, stored, new_stored)
-    x_written = _rows(new_stored.float(), t) if new_stored.dtype != torch.float32 else _rows(new_stored, t)
-    reference = x_old if g.snapshot is None else _rows(g.snapshot.float(), t)
-
-    # NOTE: on a skipped phase the Grams recomputed from the unchanged values equal the old ones
-    # except `cross`, which must also keep its old value; hence _keep_old on every output.
-    new_gram = torch.bmm(x_written, x_written.mT)
-    new_cross = torch.bmm(x_written, reference.mT)
-    g.cross.copy_(_keep_old(found_inf, g.cross, new_cross))
-    g.gram.copy_(_keep_old(found_inf, g.gram, new_gram))
+    new_stored = _keep_old(found_inf, stored, x_new.to(stored.dtype))
+    written = new_stored if new_stored.dtype == torch.float32 else new_stored.float()
+    reference = x_old if g.snapshot is None else g.snapshot.float()
+    # NOTE: on a skipped phase every output must keep its old value; `cross` in particular cannot
+    # be recomputed from the unchanged factor, hence _keep_old on each of them.
+    g.cross.copy_(_keep_old(found_inf, g.cross, _row_products(written, reference, t)))
+    g.gram.copy_(_keep_old(found_inf, g.gram, _row_products(written, written, t)))
     g.other_cross.copy_(_keep_old(found_inf, g.other_cross, g.other_gram))
-    momentum.copy_(_keep_old(found_inf, momentum, new_momentum))
+    g.momentum.copy_(_keep_old(found_inf, g.momentum, new_momentum))
     if hp.adaptive:
-        variance.copy_(_keep_old(found_inf, variance, new_variance))
+        g.variance.copy_(_keep_old(found_inf, g.variance, new_variance))
     g.step.copy_(_keep_old(found_inf, g.step, new_step))
     torch._foreach_copy_(list(g.params), list(new_stored.unbind(0)))
 
