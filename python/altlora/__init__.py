@@ -5,9 +5,23 @@
 >>> opt = altlora.AltLoRAPlus(altlora.find_lora_pairs(model), lr=1e-3)
 """
 
+from .lora_linear import LoRALinear
 from .optimizers import DEFAULT_DAMPING, DEFAULT_OTHER_LR, AltLoRA, AltLoRAPlus
 from .pairs import LoRAPair, find_lora_pairs
+from .peft_fusion import FusionReport, fuse_peft, unfuse_peft
 
 __version__ = "0.1.0"
 
-__all__ = ["AltLoRA", "AltLoRAPlus", "LoRAPair", "find_lora_pairs", "DEFAULT_DAMPING", "DEFAULT_OTHER_LR", "__version__"]
+__all__ = [
+    "AltLoRA",
+    "AltLoRAPlus",
+    "LoRAPair",
+    "find_lora_pairs",
+    "LoRALinear",
+    "fuse_peft",
+    "unfuse_peft",
+    "FusionReport",
+    "DEFAULT_DAMPING",
+    "DEFAULT_OTHER_LR",
+    "__version__",
+]

@@ -1,0 +1,378 @@
+"""Triton kernels of the fused LoRA linear op (the math and the autograd wiring: ``lora_linear.py``).
+
+Three kernels cover the forward and the backward (``keep`` is the optional dropout keep-mask):
+
+* :func:`project`               ``out = scale · (keep ⊙ x) · mᵀ``            (N×C)·(R×C)ᵀ → N×R
+  ``h = drop(x)·Aᵀ`` in the forward and ``g = dy·B`` in the backward.
+* :func:`matmul_plus_low_rank`  ``out = x·w + bias + scaling · [keep ⊙] (h·l)``   → N×C
+  the forward ``y`` (w = W0ᵀ, l = Bᵀ) and ``dx`` (w = W0, h = g, l = A). The low-rank product of
+  an output tile is computed in registers and added to the GEMM's fp32 accumulator after its K
+  loop (through the tile's keep-mask in dx with dropout), so no N×C intermediate exists.
+* :func:`low_rank_grad`         ``out = scale · hᵀ · (keep ⊙ x)``              (N×R)ᵀ·(N×C) → R×C
+  ``dA`` (h = g) and ``dBᵀ`` (h = drop(x)·Aᵀ, x = dy), split over N for parallelism; partial sums
+  are added by torch in a fixed order, so the result is deterministic.
+
+Every kernel accumulates in fp32 and takes arbitrary strides, so transposed views need no copy;
+row offsets are int64, so N × features may exceed 2³¹.
+
+Compile rules that the interpreter (``TRITON_INTERPRET=1``) does not enforce are kept here:
+``tl.dot`` needs every dimension ≥ 16, so the rank is processed in blocks of a power of two
+≥ 16 with masked loads (r = 8 is the paper's default); fp32 ``tl.dot`` uses TF32 on a GPU unless
+``input_precision="ieee"``, which we ask for with fp32 inputs to match torch's fp32 matmul; the
+interpreter has no bf16 arithmetic, so there tiles are cast to fp32 right after loading; block
+sizes are fixed (no ``@triton.autotune``, which the interpreter cannot run); the kernels use
+only builtins of ``triton.language`` (``tl.full``, not the ``@jit`` helpers ``tl.zeros``/``tl.cdiv``,
+which break the interpreter when ``triton.language`` was imported in compiled mode). Kernels are
+decorated with ``triton.jit`` on first launch, once per mode, because the decorator reads
+``TRITON_INTERPRET``: a process may set it after importing this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "interpreting",
+    "unavailable_reason",
+    "launch_config",
+    "project",
+    "matmul_plus_low_rank",
+    "low_rank_grad",
+    "PROJECT_KERNEL",
+    "MATMUL_PLUS_LOW_RANK_KERNEL",
+    "LOW_RANK_GRAD_KERNEL",
+]
+
+# Largest rank block held in registers at once; larger ranks loop (or get more programs).
+MAX_RANK_BLOCK = 64
+# tl.dot's smallest dimension on NVIDIA GPUs.
+MIN_DOT_DIM = 16
+# Programs per SM that the split-N reduction of low_rank_grad aims at, to fill the GPU.
+PROGRAMS_PER_SM = 4
+
+
+def _project_kernel(
+    x_ptr, m_ptr, keep_ptr, out_ptr,
+    n_rows, n_cols, rank,
+    stride_xm, stride_xc, stride_mr, stride_mc, stride_km, stride_kc, stride_om, stride_or,
+    scale,
+    HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK_BLOCK: tl.constexpr,
+):
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    ranks = tl.program_id(1) * RANK_BLOCK + tl.arange(0, RANK_BLOCK)
+    acc = tl.full((BLOCK_M, RANK_BLOCK), 0.0, tl.float32)
+    for c0 in range(0, n_cols, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        x_ok = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=x_ok, other=0.0)
+        # mᵀ tile (BLOCK_C, RANK_BLOCK) read through swapped strides
+        mt = tl.load(m_ptr + ranks[None, :] * stride_mr + cols[:, None] * stride_mc,
+                     mask=(ranks[None, :] < rank) & (cols[:, None] < n_cols), other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            mt = mt.to(tl.float32)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + rows[:, None] * stride_km + cols[None, :] * stride_kc, mask=x_ok, other=0)
+            x = tl.where(keep != 0, x, tl.full((BLOCK_M, BLOCK_C), 0.0, x.dtype))
+        acc = tl.dot(x, mt, acc, input_precision=PRECISION)
+    out = acc * scale
+    tl.store(out_ptr + rows[:, None] * stride_om + ranks[None, :] * stride_or, out.to(out_ptr.dtype.element_ty),
+             mask=(rows[:, None] < n_rows) & (ranks[None, :] < rank))
+
+
+def _matmul_plus_low_rank_kernel(
+    x_ptr, w_ptr, h_ptr, l_ptr, bias_ptr, keep_ptr, out_ptr,
+    n_rows, n_cols, n_inner, rank,
+    stride_xm, stride_xk, stride_wk, stride_wc, stride_hm, stride_hr, stride_lr, stride_lc,
+    stride_km, stride_kc, stride_om, stride_oc,
+    scaling,
+    HAS_BIAS: tl.constexpr, HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, RANK_BLOCK: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped tile order: GROUP_M row blocks share each column block of w while it is in L2.
+    pid = tl.program_id(0)
+    blocks_m = (n_rows + BLOCK_M - 1) // BLOCK_M
+    blocks_c = (n_cols + BLOCK_C - 1) // BLOCK_C
+    per_group = GROUP_M * blocks_c
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_c = (pid % per_group) // group_rows
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < n_rows
+    col_ok = cols < n_cols
+
+    acc = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
+    for k0 in range(0, n_inner, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & (ks[None, :] < n_inner), other=0.0)
+        w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wc,
+                    mask=(ks[:, None] < n_inner) & col_ok[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
+
+    # The low-rank term joins the accumulator in registers, after the K loop so that its tiles do
+    # not hold registers during it; the rank loop runs once for r ≤ MAX_RANK_BLOCK.
+    low_rank = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
+    for r0 in range(0, rank, RANK_BLOCK):
+        ranks = r0 + tl.arange(0, RANK_BLOCK)
+        h = tl.load(h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr,
+                    mask=row_ok[:, None] & (ranks[None, :] < rank), other=0.0)
+        lt = tl.load(l_ptr + ranks[:, None] * stride_lr + cols[None, :] * stride_lc,
+                     mask=(ranks[:, None] < rank) & col_ok[None, :], other=0.0)
+        if UPCAST:
+            h = h.to(tl.float32)
+            lt = lt.to(tl.float32)
+        low_rank = tl.dot(h, lt, low_rank, input_precision=PRECISION)
+    out_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_KEEP:
+        keep = tl.load(keep_ptr + rows[:, None] * stride_km + cols[None, :] * stride_kc, mask=out_ok, other=0)
+        acc += tl.where(keep != 0, low_rank * scaling, tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32))
+    else:
+        acc += low_rank * scaling
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_oc, acc.to(out_ptr.dtype.element_ty),
+             mask=out_ok)
+
+
+def _low_rank_grad_kernel(
+    h_ptr, x_ptr, keep_ptr, out_ptr,
+    n_rows, n_cols, rank, rows_per_split,
+    stride_hm, stride_hr, stride_xm, stride_xc, stride_km, stride_kc, stride_os, stride_or, stride_oc,
+    scale,
+    HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK_BLOCK: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    split = tl.program_id(1)
+    ranks = tl.program_id(2) * RANK_BLOCK + tl.arange(0, RANK_BLOCK)
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, n_rows)
+    acc = tl.full((RANK_BLOCK, BLOCK_C), 0.0, tl.float32)
+    for m0 in range(row_start, row_end, BLOCK_M):
+        rows = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+        row_ok = rows < row_end
+        # hᵀ tile (RANK_BLOCK, BLOCK_M) read through swapped strides
+        ht = tl.load(h_ptr + ranks[:, None] * stride_hr + rows[None, :] * stride_hm,
+                     mask=(ranks[:, None] < rank) & row_ok[None, :], other=0.0)
+        x_ok = row_ok[:, None] & (cols[None, :] < n_cols)
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=x_ok, other=0.0)
+        if UPCAST:
+            ht = ht.to(tl.float32)
+            x = x.to(tl.float32)
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + rows[:, None] * stride_km + cols[None, :] * stride_kc, mask=x_ok, other=0)
+            x = tl.where(keep != 0, x, tl.full((BLOCK_M, BLOCK_C), 0.0, x.dtype))
+        acc = tl.dot(ht, x, acc, input_precision=PRECISION)
+    out = acc * scale
+    tl.store(out_ptr + split * stride_os + ranks[:, None] * stride_or + cols[None, :] * stride_oc,
+             out.to(out_ptr.dtype.element_ty), mask=(ranks[:, None] < rank) & (cols[None, :] < n_cols))
+
+
+def interpreting() -> bool:
+    """Whether Triton interprets kernels on the CPU now (``TRITON_INTERPRET=1``)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+class _PerModeKernel:
+    """``triton.jit`` of a kernel body, built on first launch once per mode.
+
+    ``triton.jit`` chooses between a compiled and an interpreted kernel when it decorates, from
+    ``TRITON_INTERPRET``; decorating lazily lets a process (a test) switch the variable after import.
+    """
+
+    def __init__(self, fn) -> None:
+        self.fn = fn
+        self._built = {}
+
+    def get(self):
+        mode = interpreting()
+        if mode not in self._built:
+            self._built[mode] = triton.jit(self.fn)
+        return self._built[mode]
+
+    def __getitem__(self, grid):
+        return self.get()[grid]
+
+
+PROJECT_KERNEL = _PerModeKernel(_project_kernel)
+MATMUL_PLUS_LOW_RANK_KERNEL = _PerModeKernel(_matmul_plus_low_rank_kernel)
+LOW_RANK_GRAD_KERNEL = _PerModeKernel(_low_rank_grad_kernel)
+
+
+def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
+    """Why these kernels cannot run on ``device``, or None if they can."""
+    if device is None:
+        return "the Triton LoRA linear kernels need all tensors on one device"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreting():
+        return None
+    if device.type == "cpu":
+        return "the Triton LoRA linear kernels run on CUDA devices, and on the CPU only under TRITON_INTERPRET=1"
+    return f"the Triton LoRA linear kernels do not run on {device.type} devices"
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration
+
+
+def _rank_block(rank: int) -> int:
+    return min(MAX_RANK_BLOCK, max(MIN_DOT_DIM, triton.next_power_of_2(rank)))
+
+
+def _dtype_options(dtype: torch.dtype) -> dict:
+    # The interpreter cannot do bf16/fp16 arithmetic: tiles are cast to fp32 right after loading.
+    return {"UPCAST": interpreting(), "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+
+
+def _gpu(device: torch.device) -> bool:
+    return device.type == "cuda" and not interpreting()
+
+
+# Fixed tiles (no autotuning: the interpreter cannot run it, and these are the usual good choices
+# for H100-class GPUs). Two-byte dtypes take a deeper K tile than fp32 for the same shared memory.
+_GPU_CONFIGS = {
+    "project": ({"BLOCK_M": 64, "BLOCK_C": 128}, {"BLOCK_M": 64, "BLOCK_C": 64}, {"num_warps": 4, "num_stages": 3}),
+    "matmul_plus_low_rank": ({"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_K": 64, "GROUP_M": 8},
+                             {"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_K": 32, "GROUP_M": 8},
+                             {"num_warps": 8, "num_stages": 3}),
+    "low_rank_grad": ({"BLOCK_M": 64, "BLOCK_C": 128}, {"BLOCK_M": 64, "BLOCK_C": 128},
+                      {"num_warps": 4, "num_stages": 3}),
+}
+# Under the interpreter bigger tiles mean fewer (slow, Python-level) programs.
+_INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_C": 32, "BLOCK_K": 32, "GROUP_M": 8}
+
+
+def launch_config(kernel: str, dtype: torch.dtype, gpu: bool = True):
+    """``(constexpr block sizes, launch options)`` of ``kernel`` for ``dtype`` (GPU or interpreter)."""
+    two_byte, four_byte, launch = _GPU_CONFIGS[kernel]
+    if not gpu:
+        return {k: _INTERPRETER_BLOCKS[k] for k in two_byte}, {}
+    return dict(two_byte if dtype in (torch.bfloat16, torch.float16) else four_byte), dict(launch)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _keep_args(keep: Optional[torch.Tensor], fallback: torch.Tensor):
+    # A bool mask is read as bytes; without one, any pointer does (HAS_KEEP=False never loads it).
+    if keep is None:
+        return fallback, 0, 0
+    keep = keep.view(torch.uint8)
+    return keep, keep.stride(0), keep.stride(1)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (2-D inputs, any strides; shapes are checked by the caller in lora_linear.py)
+
+
+def project(x: torch.Tensor, m: torch.Tensor, scale: float, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``scale · (keep ⊙ x) · mᵀ`` for ``x`` (N, C) and ``m`` (R, C), in ``x.dtype``."""
+    n_rows, n_cols = x.shape
+    rank = m.shape[0]
+    out = torch.empty((n_rows, rank), device=x.device, dtype=x.dtype)
+    if n_rows == 0:
+        return out
+    if n_cols == 0:
+        return out.zero_()
+    rank_block = _rank_block(rank)
+    blocks, launch = launch_config("project", x.dtype, _gpu(x.device))
+    keep_t, stride_km, stride_kc = _keep_args(keep, x)
+    grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]), triton.cdiv(rank, rank_block))
+    PROJECT_KERNEL[grid](
+        x, m, keep_t, out, n_rows, n_cols, rank,
+        x.stride(0), x.stride(1), m.stride(0), m.stride(1), stride_km, stride_kc, out.stride(0), out.stride(1),
+        float(scale),
+        HAS_KEEP=keep is not None, RANK_BLOCK=rank_block, **blocks, **_dtype_options(x.dtype), **launch,
+    )
+    return out
+
+
+def matmul_plus_low_rank(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    h: torch.Tensor,
+    l: torch.Tensor,
+    scaling: float,
+    bias: Optional[torch.Tensor] = None,
+    keep: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x·w + bias + scaling·[keep ⊙](h·l)`` for ``x`` (N, K), ``w`` (K, C), ``h`` (N, R), ``l`` (R, C)."""
+    n_rows, n_inner = x.shape
+    n_cols = w.shape[1]
+    rank = h.shape[1]
+    out = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
+    if n_rows == 0 or n_cols == 0:
+        return out
+    blocks, launch = launch_config("matmul_plus_low_rank", x.dtype, _gpu(x.device))
+    keep_t, stride_km, stride_kc = _keep_args(keep, x)
+    bias_t = bias if bias is not None else x
+    grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]) * triton.cdiv(n_cols, blocks["BLOCK_C"]),)
+    MATMUL_PLUS_LOW_RANK_KERNEL[grid](
+        x, w, h, l, bias_t, keep_t, out, n_rows, n_cols, n_inner, rank,
+        x.stride(0), x.stride(1), w.stride(0), w.stride(1), h.stride(0), h.stride(1), l.stride(0), l.stride(1),
+        stride_km, stride_kc, out.stride(0), out.stride(1),
+        float(scaling),
+        HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, RANK_BLOCK=_rank_block(rank),
+        **blocks, **_dtype_options(x.dtype), **launch,
+    )
+    return out
+
+
+def low_rank_grad(h: torch.Tensor, x: torch.Tensor, scale: float, keep: Optional[torch.Tensor] = None,
+                  splits: Optional[int] = None) -> torch.Tensor:
+    """``scale · hᵀ · (keep ⊙ x)`` for ``h`` (N, R) and ``x`` (N, C): an (R, C) tensor in ``x.dtype``.
+
+    ``splits``: how many row ranges are reduced by separate programs (default: enough programs to
+    fill the GPU; 1 under the interpreter).
+    """
+    n_rows, n_cols = x.shape
+    rank = h.shape[1]
+    if n_rows == 0 or n_cols == 0:
+        return torch.zeros((rank, n_cols), device=x.device, dtype=x.dtype)
+    rank_block = _rank_block(rank)
+    blocks, launch = launch_config("low_rank_grad", x.dtype, _gpu(x.device))
+    block_m, block_c = blocks["BLOCK_M"], blocks["BLOCK_C"]
+    if splits is None and not _gpu(x.device):
+        splits = 1
+    if splits is None:
+        col_programs = triton.cdiv(n_cols, block_c) * triton.cdiv(rank, rank_block)
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        wanted = PROGRAMS_PER_SM * _sm_count(index)
+        splits = max(1, min(triton.cdiv(wanted, col_programs), triton.cdiv(n_rows, 4 * block_m)))
+    rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_m) * block_m
+    splits = triton.cdiv(n_rows, rows_per_split)
+    # One split writes the result directly; several write fp32 partials that torch adds in order.
+    if splits == 1:
+        out = torch.empty((1, rank, n_cols), device=x.device, dtype=x.dtype)
+    else:
+        out = torch.empty((splits, rank, n_cols), device=x.device, dtype=torch.float32)
+    keep_t, stride_km, stride_kc = _keep_args(keep, x)
+    grid = (triton.cdiv(n_cols, block_c), splits, triton.cdiv(rank, rank_block))
+    LOW_RANK_GRAD_KERNEL[grid](
+        h, x, keep_t, out, n_rows, n_cols, rank, rows_per_split,
+        h.stride(0), h.stride(1), x.stride(0), x.stride(1), stride_km, stride_kc,
+        out.stride(0), out.stride(1), out.stride(2),
+        float(scale),
+        HAS_KEEP=keep is not None, RANK_BLOCK=rank_block, **blocks, **_dtype_options(x.dtype), **launch,
+    )
+    return out[0] if splits == 1 else out.sum(0).to(x.dtype)
