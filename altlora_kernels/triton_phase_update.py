@@ -1,0 +1,396 @@
+"""The ``triton`` backend: one AltLoRA / AltLoRA+ phase for every layer in three launches.
+
+Same semantics as ``phase_update.py`` (its module docstring carries the math in row form, with the
+Gram / cross-Gram bookkeeping and the ``found_inf`` no-op); this module runs it with a number of
+launches that does not depend on the number of layers:
+
+1. ``triton_cholesky.factor_kernel``, one program per layer: ``P = (Y Yᵀ + λ_eff I)⁻¹`` and
+   ``P·C_Y`` with the damping escalated on the device.
+2. ``_update_kernel``, one program per (layer, chunk of columns) of the work table: for each
+   ``R × BLOCK_N`` tile of the row form, ``g̃ = (1/s²)·P·∇X``, ``M ← β1·(P C_Y)·M + (1−β1)·g̃``,
+   AltLoRA+'s ``V`` and bias correction (a constexpr switch), weight decay, and the write of ``X``
+   in its own dtype (fp32 math, fp32 state); then the chunk's partial ``X_new X_newᵀ`` and
+   ``X_new X_refᵀ`` (of the values as stored) go to a workspace.
+3. ``_reduce_kernel``, one program per layer: sums its chunks' partials in a fixed order (so two
+   identical runs give identical bits; no atomics), writes ``gram``, ``cross``,
+   ``other_cross ← other_gram`` and ``n ← n + 1``.
+
+Layers are bucketed by padded rank, dtypes and layout (``triton_work_table``); each bucket is
+three launches, so a model whose factors share one rank and dtype pays three launches per phase
+whatever its number of layers. ``found_inf`` is read by the kernels: when it is non-zero nothing
+is written (parameters, moments, counters, Grams), with no host sync.
+
+Groups the kernels do not take (rank > ``MAX_RANK``, a factor whose last dimension is not
+contiguous, non-contiguous state) are handed to the torch backend, which computes the same thing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import List, Optional, Sequence
+
+import torch
+
+from .phase_update import FactorGroup, PhaseHyperParams, phase_update_torch
+from .triton_cholesky import factor_launch
+from .triton_work_table import (
+    FACTOR_WARPS,
+    UPDATE_WARPS,
+    GRAD_FIELDS,
+    MAX_RANK,
+    NUM_FIELDS,
+    Field,
+    LazyKernel,
+    Launch,
+    interpreter_enabled,
+    plan_buckets,
+    tl,
+    triton_missing_reason,
+)
+
+__all__ = ["unavailable_reason", "phase_update", "phase_launches", "update_kernel", "reduce_kernel", "SUPPORTED_PARAM_DTYPES"]
+
+SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Rows of ∇X and M per tl.dot in the update: 16 is the smallest tl.dot extent a GPU compiles.
+K_BLOCK = 16
+
+if tl is not None:
+    _PARAM = tl.constexpr(Field.PARAM)
+    _PARAM_LEAD = tl.constexpr(Field.PARAM_LEAD)
+    _MOMENTUM = tl.constexpr(Field.MOMENTUM)
+    _VARIANCE = tl.constexpr(Field.VARIANCE)
+    _SNAPSHOT = tl.constexpr(Field.SNAPSHOT)
+    _STATE_LEAD = tl.constexpr(Field.STATE_LEAD)
+    _GRAM = tl.constexpr(Field.GRAM)
+    _CROSS = tl.constexpr(Field.CROSS)
+    _OTHER_GRAM = tl.constexpr(Field.OTHER_GRAM)
+    _OTHER_CROSS = tl.constexpr(Field.OTHER_CROSS)
+    _STEP = tl.constexpr(Field.STEP)
+    _INV_SCALE_SQ = tl.constexpr(Field.INV_SCALE_SQ)
+    _RANK = tl.constexpr(Field.RANK)
+    _FIRST_CHUNK = tl.constexpr(Field.FIRST_CHUNK)
+    _NUM_CHUNKS = tl.constexpr(Field.NUM_CHUNKS)
+    _K_BLOCK = tl.constexpr(K_BLOCK)
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
+    """None when the Triton backend can run on ``device``, else a one-line reason."""
+    missing = triton_missing_reason()
+    if missing is not None:
+        return missing
+    if device is None:
+        return "backend='triton' needs every LoRA factor on one device"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if interpreter_enabled():
+            # The interpreter runs kernels on the host and would dereference the table's device
+            # pointers there.
+            return "backend='triton' cannot run on CUDA tensors while TRITON_INTERPRET=1 is set (unset it)"
+        return None
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return None
+        return (
+            "backend='triton' needs a CUDA GPU (the LoRA factors are on the CPU); set TRITON_INTERPRET=1 "
+            "to run its kernels on the CPU in Triton's (slow) interpreter"
+        )
+    return f"backend='triton' runs on CUDA devices (or the CPU with TRITON_INTERPRET=1), not on {device.type}"
+
+
+def _update_kernel(
+    layers_ptr,
+    grads_ptr,
+    chunks_ptr,
+    precond_ptr,
+    carry_ptr,
+    partials_ptr,
+    found_inf_ptr,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay,
+    log2_beta1,
+    log2_beta2,
+    NUM_FIELDS: tl.constexpr,
+    GRAD_FIELDS: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    ADAPTIVE: tl.constexpr,
+    HAS_SNAPSHOT: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    PARAM_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    layer = tl.load(chunks_ptr + chunk * 3)
+    start = tl.load(chunks_ptr + chunk * 3 + 1)
+    end = tl.load(chunks_ptr + chunk * 3 + 2)
+    row = layers_ptr + layer * NUM_FIELDS
+    r = tl.load(row + _RANK)
+    param_ptr = tl.load(row + _PARAM).to(tl.pointer_type(PARAM_DTYPE))
+    param_lead = tl.load(row + _PARAM_LEAD)
+    grad_ptr = tl.load(grads_ptr + layer * GRAD_FIELDS).to(tl.pointer_type(GRAD_DTYPE))
+    grad_lead = tl.load(grads_ptr + layer * GRAD_FIELDS + 1)
+    momentum_ptr = tl.load(row + _MOMENTUM).to(tl.pointer_type(tl.float32))
+    state_lead = tl.load(row + _STATE_LEAD)
+    inv_scale_sq = tl.load(tl.load(row + _INV_SCALE_SQ).to(tl.pointer_type(tl.float32)))
+
+    # Rows that are written: all r, or none when found_inf is set (a scalar bool can't be ANDed
+    # into a block mask in the interpreter, a bound can).
+    written_rows = r
+    if HAS_FOUND_INF:
+        written_rows = tl.where(tl.load(found_inf_ptr) != 0.0, 0, r)
+
+    idx = tl.arange(0, R)
+    rows = idx[:, None]
+    kdx = tl.arange(0, _K_BLOCK)
+    square = precond_ptr + layer * R * R  # this layer's P; its P·C_Y is at the same offset in carry
+
+    if ADAPTIVE:
+        variance_ptr = tl.load(row + _VARIANCE).to(tl.pointer_type(tl.float32))
+        count = tl.load(tl.load(row + _STEP).to(tl.pointer_type(tl.float32))) + 1.0
+        bias1 = 1.0 - tl.exp2(count * log2_beta1)  # 1 − β1ⁿ
+        bias2 = 1.0 - tl.exp2(count * log2_beta2)
+    if HAS_SNAPSHOT:
+        snapshot_ptr = tl.load(row + _SNAPSHOT).to(tl.pointer_type(PARAM_DTYPE))
+
+    gram = tl.full((R, R), 0.0, tl.float32)
+    cross = tl.full((R, R), 0.0, tl.float32)
+    for c0 in range(start, end, BLOCK_N):
+        cols = c0 + tl.arange(0, BLOCK_N)[None, :]
+        mask = (rows < r) & (cols < end)
+
+        # P·∇X and (P C_Y)·M over K blocks of 16 rows read straight from memory: an fp32 (IEEE)
+        # tl.dot runs on CUDA cores and holds its operands' K extent in registers, so K stays
+        # small; ∇X and the old M are needed only through these products.
+        scaled_grad = tl.full((R, BLOCK_N), 0.0, tl.float32)
+        carried = tl.full((R, BLOCK_N), 0.0, tl.float32)
+        for k0 in range(0, r, _K_BLOCK):
+            krows = k0 + kdx[:, None]
+            kmask = (krows < r) & (cols < end)
+            # Row form X[i, j] of a tensor stored with strides (lead, 1): A itself, or Bᵀ.
+            if TRANSPOSED:
+                at_grad = cols * grad_lead + krows
+                at_state = cols * state_lead + krows
+            else:
+                at_grad = krows * grad_lead + cols
+                at_state = krows * state_lead + cols
+            grad = tl.load(grad_ptr + at_grad, mask=kmask, other=0.0).to(tl.float32)
+            momentum = tl.load(momentum_ptr + at_state, mask=kmask, other=0.0)
+            at_square = rows * R + (k0 + kdx)[None, :]
+            scaled_grad += tl.dot(tl.load(square + at_square), grad, input_precision="ieee")
+            carried += tl.dot(tl.load(carry_ptr + layer * R * R + at_square), momentum, input_precision="ieee")
+
+        if TRANSPOSED:
+            at_param = cols * param_lead + rows
+            at_state = cols * state_lead + rows
+        else:
+            at_param = rows * param_lead + cols
+            at_state = rows * state_lead + cols
+        scaled_grad = scaled_grad * inv_scale_sq
+        momentum = beta1 * carried + (1.0 - beta1) * scaled_grad
+        x_old = tl.load(param_ptr + at_param, mask=mask, other=0.0).to(tl.float32)
+        if ADAPTIVE:
+            variance = tl.load(variance_ptr + at_state, mask=mask, other=0.0)
+            variance = beta2 * variance + (1.0 - beta2) * scaled_grad * scaled_grad
+            direction = (momentum / bias1) / (tl.sqrt(variance / bias2) + eps)
+        else:
+            direction = momentum
+        x_new = x_old - lr * (direction + weight_decay * x_old)
+        if PARAM_DTYPE == tl.bfloat16:
+            # Round to nearest even on the bits: Triton's interpreter truncates fp32 → bf16 casts
+            # (a GPU rounds), and both must write what torch's .to(torch.bfloat16) writes.
+            bits = x_new.to(tl.int32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            x_new = bits.to(tl.float32, bitcast=True)
+        x_new = x_new.to(PARAM_DTYPE)
+
+        write = (rows < written_rows) & (cols < end)
+        tl.store(param_ptr + at_param, x_new, mask=write)
+        tl.store(momentum_ptr + at_state, momentum, mask=write)
+        if ADAPTIVE:
+            tl.store(variance_ptr + at_state, variance, mask=write)
+
+        # Grams of the values as stored; padding zeroed (eps = 0 would make it 0/0 there).
+        written = tl.where(mask, x_new.to(tl.float32), 0.0)
+        if HAS_SNAPSHOT:
+            reference = tl.load(snapshot_ptr + at_state, mask=mask, other=0.0).to(tl.float32)
+        else:
+            reference = x_old
+        gram += tl.dot(written, tl.trans(written), input_precision="ieee")
+        cross += tl.dot(written, tl.trans(reference), input_precision="ieee")
+
+    out = chunk * 2 * R * R + rows * R + idx[None, :]
+    tl.store(partials_ptr + out, gram)
+    tl.store(partials_ptr + out + R * R, cross)
+
+
+def _reduce_kernel(
+    layers_ptr,
+    partials_ptr,
+    found_inf_ptr,
+    NUM_FIELDS: tl.constexpr,
+    R: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+):
+    layer = tl.program_id(0)
+    row = layers_ptr + layer * NUM_FIELDS
+    r = tl.load(row + _RANK)
+    first = tl.load(row + _FIRST_CHUNK)
+    count = tl.load(row + _NUM_CHUNKS)
+
+    idx = tl.arange(0, R)
+    square = idx[:, None] * R + idx[None, :]
+    gram = tl.full((R, R), 0.0, tl.float32)
+    cross = tl.full((R, R), 0.0, tl.float32)
+    for c in range(first, first + count):  # fixed order: deterministic sums
+        gram += tl.load(partials_ptr + c * 2 * R * R + square)
+        cross += tl.load(partials_ptr + c * 2 * R * R + R * R + square)
+
+    written_rows = r  # all, or none when found_inf is set (see _update_kernel)
+    if HAS_FOUND_INF:
+        written_rows = tl.where(tl.load(found_inf_ptr) != 0.0, 0, r)
+    rows = idx[:, None]
+    cols = idx[None, :]
+    inside = (rows < r) & (cols < r)
+    write = (rows < written_rows) & (cols < r)
+    at = rows * r + cols
+    tl.store(tl.load(row + _GRAM).to(tl.pointer_type(tl.float32)) + at, gram, mask=write)
+    tl.store(tl.load(row + _CROSS).to(tl.pointer_type(tl.float32)) + at, cross, mask=write)
+    other_gram = tl.load(tl.load(row + _OTHER_GRAM).to(tl.pointer_type(tl.float32)) + at, mask=inside, other=0.0)
+    tl.store(tl.load(row + _OTHER_CROSS).to(tl.pointer_type(tl.float32)) + at, other_gram, mask=write)
+    step_ptr = tl.load(row + _STEP).to(tl.pointer_type(tl.float32))
+    tl.store(step_ptr, tl.load(step_ptr) + 1.0, mask=written_rows > 0)
+
+
+update_kernel = LazyKernel(_update_kernel)
+reduce_kernel = LazyKernel(_reduce_kernel)
+
+
+def _log2(beta: float) -> float:
+    return math.log2(beta) if beta > 0.0 else float("-inf")  # β⁰ = 1 is never needed: n ≥ 1
+
+
+def _rank(g: FactorGroup) -> int:
+    shape = g.params[0].shape
+    return int(shape[1] if g.transposed else shape[0])
+
+
+def _kernels_take(g: FactorGroup) -> bool:
+    """Whether the kernels handle this group (else the torch backend does)."""
+    shape = tuple(g.params[0].shape)
+    state = (g.momentum, g.variance, g.snapshot, g.gram, g.cross, g.other_gram, g.other_cross, g.step, g.inv_scale_sq)
+    return (
+        1 <= _rank(g) <= MAX_RANK
+        and g.params[0].dtype in SUPPORTED_PARAM_DTYPES
+        and all(p.dim() == 2 and p.stride(1) == 1 for p in g.params)
+        and all(t is None or t.is_contiguous() for t in state)
+        and all(t is None or t.dtype == torch.float32 for t in state if t is not g.snapshot)
+        and tuple(g.momentum.shape[1:]) == shape
+        and (g.snapshot is None or (g.snapshot.dtype == g.params[0].dtype and tuple(g.snapshot.shape[1:]) == shape))
+    )
+
+
+def _check(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_inf: Optional[torch.Tensor]) -> torch.device:
+    device = groups[0].params[0].device
+    for i, g in enumerate(groups):
+        if not g.params or len(g.params) != len(g.grads):
+            raise ValueError(f"groups[{i}]: {len(g.params)} params but {len(g.grads)} grads")
+        shape, dtype = g.params[0].shape, g.params[0].dtype
+        for p in g.params:
+            if p.shape != shape or p.dtype != dtype or p.device != device:
+                raise ValueError(f"groups[{i}].params: every factor of a group needs one shape, dtype and device")
+        for gr in g.grads:
+            if gr.shape != shape or gr.device != device:
+                raise ValueError(f"groups[{i}].grads: a gradient does not match its parameter's shape {tuple(shape)} or device")
+        if hp.adaptive and g.variance is None:
+            raise ValueError(f"groups[{i}].variance is None but hp.adaptive is set (AltLoRA+)")
+    if found_inf is not None and found_inf.device != device:
+        raise ValueError(f"found_inf is on {found_inf.device}, the factors on {device}")
+    return device
+
+
+def _kernel_grads(g: FactorGroup) -> List[torch.Tensor]:
+    """Gradients as the kernels read them: unit inner stride, one dtype for the whole group."""
+    dtype = g.grads[0].dtype if g.grads[0].dtype in SUPPORTED_PARAM_DTYPES else torch.float32
+    out = []
+    for gr in g.grads:
+        if gr.dtype != dtype:
+            gr = gr.to(dtype)
+        if gr.stride(1) != 1:
+            gr = gr.contiguous()
+        out.append(gr)
+    return out
+
+
+def phase_launches(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_inf: Optional[torch.Tensor]) -> List[Launch]:
+    """The launches of one phase over ``groups`` (all taken by the kernels), in order: three per bucket."""
+    grads = [_kernel_grads(g) for g in groups]
+    has_flag = found_inf is not None
+    flag = found_inf.to(torch.float32) if has_flag else groups[0].step  # a placeholder pointer, never read
+    launches = []
+    for bucket in plan_buckets(groups, grads):
+        launches.append(factor_launch(bucket.layers, bucket.padded, hp.damping, bucket.precond, bucket.carry))
+        launches.append(
+            Launch(
+                update_kernel,
+                (bucket.num_chunks,),
+                (
+                    bucket.layers, bucket.grads, bucket.chunks, bucket.precond, bucket.carry, bucket.partials, flag,
+                    float(hp.lr), float(hp.beta1), float(hp.beta2), float(hp.eps), float(hp.weight_decay),
+                    _log2(hp.beta1), _log2(hp.beta2),
+                ),
+                dict(
+                    NUM_FIELDS=NUM_FIELDS,
+                    GRAD_FIELDS=GRAD_FIELDS,
+                    R=bucket.padded,
+                    BLOCK_N=bucket.block_n,
+                    TRANSPOSED=bucket.transposed,
+                    ADAPTIVE=bool(hp.adaptive),
+                    HAS_SNAPSHOT=bucket.has_snapshot,
+                    HAS_FOUND_INF=has_flag,
+                    PARAM_DTYPE=_TL_DTYPES[bucket.param_dtype],
+                    GRAD_DTYPE=_TL_DTYPES[bucket.grad_dtype],
+                ),
+                UPDATE_WARPS[bucket.padded],
+            )
+        )
+        launches.append(
+            Launch(
+                reduce_kernel,
+                (bucket.num_layers,),
+                (bucket.layers, bucket.partials, flag),
+                dict(NUM_FIELDS=NUM_FIELDS, R=bucket.padded, HAS_FOUND_INF=has_flag),
+                FACTOR_WARPS[bucket.padded],
+            )
+        )
+    return launches
+
+
+def phase_update(
+    groups: Sequence[FactorGroup],
+    hp: PhaseHyperParams,
+    found_inf: Optional[torch.Tensor] = None,
+) -> None:
+    """One phase for every group (semantics: ``phase_update.py``); three launches per bucket."""
+    groups = list(groups)
+    if not groups:
+        return
+    device = _check(groups, hp, found_inf)
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    taken = [g for g in groups if _kernels_take(g)]
+    fallback = [g for g in groups if not _kernels_take(g)]
+    if fallback:
+        phase_update_torch(fallback, hp, found_inf)
+    if taken:
+        # Triton launches on the current CUDA device; make it the factors' one.
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            for launch in phase_launches(taken, hp, found_inf):
+                launch()

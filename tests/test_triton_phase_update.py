@@ -1,0 +1,398 @@
+"""The triton backend against the float64 oracle, in Triton's CPU interpreter (and on CUDA when present).
+
+CPU tests set ``TRITON_INTERPRET=1`` for themselves only (a fixture), so the rest of the suite still
+sees the interpreter off. Shapes are tiny and odd: the interpreter runs every program in Python.
+"""
+
+import inspect
+import itertools
+import shutil
+import sys
+
+import pytest
+import torch
+
+import altlora
+import altlora_kernels.triton_work_table as work_table
+from problems import Problem, compare_with_oracle
+from test_oracle import make, run_against_oracle
+
+triton = pytest.importorskip("triton", reason="the triton backend needs the 'triton' package")
+
+from altlora_kernels import FactorGroup, PhaseHyperParams, damped_cholesky  # noqa: E402
+from altlora_kernels import triton_cholesky, triton_phase_update  # noqa: E402
+from altlora_kernels.triton_work_table import NUM_FIELDS, Field, LazyKernel  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+
+STEPS = 30
+# Odd shapes; r ∈ {1, 3} in the schedule matrix (the interpreter is slow), larger ranks apart.
+SMALL_LAYERS = [(3, 7, 5, 6.0), (1, 9, 11, 2.0)]
+RANK_LAYERS = [(8, 13, 17, 16.0), (16, 21, 19, 8.0), (33, 37, 41, 40.0)]  # padded to 16, 16, 64
+CASES = [
+    (variant, schedule, order, switch_every)
+    for variant, schedule, order in itertools.product(("AltLoRA", "AltLoRAPlus"), ("alternate", "sequential", "joint"), ("BA", "AB"))
+    for switch_every in ((1, 3) if schedule == "alternate" else (1,))
+]
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    work_table.clear_cache()
+    yield
+    work_table.clear_cache()
+
+
+def _state_and_params(pairs, opt):
+    out = []
+    for p in pairs:
+        out += [p.A.detach().clone(), p.B.detach().clone()]
+        for t in (p.A, p.B):
+            out += [v.clone() for v in opt.state[t].values()]
+    return out
+
+
+# ----------------------------------------------------------------------------- availability
+def test_unavailable_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = triton_phase_update.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason and "CUDA" in reason
+    assert triton_phase_update.unavailable_reason(None) is not None
+    pair = Problem(SMALL_LAYERS).pairs()
+    with pytest.raises(RuntimeError, match="backend='torch'"):
+        altlora.AltLoRA(pair, lr=0.1, backend="triton")
+
+
+def test_available_on_cpu_with_interpreter(interpreter):
+    assert triton_phase_update.unavailable_reason(torch.device("cpu")) is None
+
+
+# ----------------------------------------------------------------------------- the oracle
+@pytest.mark.parametrize("variant,schedule,order,switch_every", CASES)
+def test_matches_float64_oracle(interpreter, variant, schedule, order, switch_every):
+    run_against_oracle(variant, schedule, order, switch_every, steps=STEPS, layers=SMALL_LAYERS, backend="triton")
+
+
+@pytest.mark.parametrize("variant,order,layers", [
+    ("AltLoRA", "AB", [(8, 13, 17, 16.0), (16, 21, 19, 8.0)]),  # both padded to 16: one bucket
+    ("AltLoRAPlus", "BA", [(33, 37, 41, 40.0)]),  # padded to 64
+])
+def test_larger_ranks_match_float64_oracle(interpreter, variant, order, layers):
+    run_against_oracle(variant, "alternate", order, 1, steps=STEPS, layers=layers, backend="triton")
+
+
+@pytest.mark.parametrize("variant,dtype", [("AltLoRA", torch.bfloat16), ("AltLoRAPlus", torch.bfloat16), ("AltLoRAPlus", torch.float16)])
+def test_half_precision_parameters_match_rounded_oracle(interpreter, variant, dtype):
+    # Written back in the parameters' dtype (fp32 math); the oracle rounds the same way, and fp32 vs
+    # float64 can round a value to the neighbouring bf16/fp16 number, hence the tolerance (a
+    # truncating bf16 cast, as Triton's interpreter does, exceeds it).
+    tol = 1e-2 if dtype == torch.bfloat16 else 5e-3
+    _, pairs, opt, _ = run_against_oracle(variant, "alternate", "BA", 1, steps=10, tol=tol, layers=SMALL_LAYERS + RANK_LAYERS[:1],
+                                          dtype=dtype, param_dtype=dtype, backend="triton")
+    assert all(p.A.dtype == dtype and p.B.dtype == dtype for p in pairs)
+    assert all(opt.state[p.A]["momentum"].dtype == torch.float32 for p in pairs)
+
+
+@pytest.mark.parametrize("order", ["BA", "AB"])
+def test_zero_factor_with_zero_damping(interpreter, order):
+    # B = 0 and λ = 0: BᵀB = 0 is escalated to the last rung; nothing may become NaN or Inf.
+    prob = Problem(SMALL_LAYERS + RANK_LAYERS[:1], seed=2, zero_B=True)
+    pairs = prob.pairs()
+    opt, orc = make("AltLoRA", pairs, prob, schedule="alternate", order=order, damping=0.0, weight_decay=0.0, backend="triton")
+    for t in range(6):
+        prob.set_grads(t, pairs)
+        grads = prob.oracle_grads(t, orc)
+        opt.step()
+        orc.step(grads)
+        assert all(bool(torch.isfinite(x).all()) for x in _state_and_params(pairs, opt))
+        # Like the torch backend's rank-deficient test: escalated damping amplifies fp32 rounding in
+        # the null space of a singular Gram, so the moments get a looser bound than the parameters.
+        compare_with_oracle(opt, pairs, orc, 1e-4, where=f"step {t}", moment_tol=2e-2)
+
+
+# ----------------------------------------------------------------------------- non-finite gradients
+def test_nonfinite_raise_changes_nothing(interpreter):
+    prob = Problem(SMALL_LAYERS, seed=1)
+    pairs = prob.pairs()
+    opt = altlora.AltLoRA(pairs, lr=0.05, damping=1e-3, backend="triton")
+    prob.set_grads(0, pairs)
+    opt.step()
+    before = _state_and_params(pairs, opt)
+    prob.set_grads(1, pairs)
+    pairs[1].A.grad[0, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="layer1.lora_A"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, _state_and_params(pairs, opt)))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter computes with the NaN, then drops it
+@pytest.mark.parametrize("variant", ["AltLoRA", "AltLoRAPlus"])
+def test_nonfinite_skip_is_a_no_op_and_matches_the_torch_backend(interpreter, variant):
+    prob = Problem(SMALL_LAYERS, seed=5)
+    runs = {}
+    for backend in ("torch", "triton"):
+        pairs = prob.pairs()
+        opt, _ = make(variant, pairs, prob, schedule="sequential", order="BA", backend=backend, nonfinite="skip")
+        for t in range(4):
+            prob.set_grads(t, pairs)
+            if t == 2:
+                before = _state_and_params(pairs, opt)
+                pairs[0].B.grad[1, 0] = float("inf")
+            opt.step()
+            if t == 2:
+                after = _state_and_params(pairs, opt)
+                assert all(torch.equal(a, b) for a, b in zip(before, after)), "a skipped step changed something"
+        assert opt.skipped_steps == 1
+        runs[backend] = _state_and_params(pairs, opt)
+    for got, want in zip(runs["triton"], runs["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- launches
+def _count_launches(monkeypatch):
+    counts = []
+    for lazy in LazyKernel.instances:
+        kernel = lazy.get()
+        original = kernel.run
+
+        def run(*args, _original=original, **kwargs):
+            counts.append(1)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", run)
+    return counts
+
+
+def _launches_per_step(monkeypatch, layers, schedule):
+    prob = Problem(layers, seed=0)
+    pairs = prob.pairs()
+    opt = altlora.AltLoRA(pairs, lr=0.05, damping=1e-3, schedule=schedule, backend="triton")
+    counts = _count_launches(monkeypatch)
+    per_step = []
+    for t in range(2):
+        prob.set_grads(t, pairs)
+        before = len(counts)
+        opt.step()
+        per_step.append(len(counts) - before)
+    return per_step
+
+
+@pytest.mark.parametrize("schedule", ["alternate", "sequential"])
+def test_launches_per_step_do_not_depend_on_the_layer_count(interpreter, monkeypatch, schedule):
+    phases = 1 if schedule == "alternate" else 2
+    few = _launches_per_step(monkeypatch, [(1, 3, 5, 2.0)] * 2, schedule)
+    # 40 layers of 40 different shapes (two param-shape groups each): still one bucket per phase.
+    many = _launches_per_step(monkeypatch, [(1 + i % 2, 3 + i, 5 + i % 3, 2.0) for i in range(40)], schedule)
+    assert few == many == [3 * phases, 3 * phases]
+
+
+def test_identical_runs_give_identical_bits(interpreter):
+    results = []
+    for _ in range(2):
+        work_table.clear_cache()
+        _, pairs, opt, _ = run_against_oracle("AltLoRAPlus", "sequential", "BA", 1, steps=3, layers=SMALL_LAYERS, backend="triton")
+        results.append(_state_and_params(pairs, opt))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+# ----------------------------------------------------------------------------- work table
+@pytest.mark.parametrize("columns_per_rank", [1, 4])
+def test_several_chunks_and_tiles_per_layer(interpreter, monkeypatch, columns_per_rank):
+    # Chunks of one 32-column tile or of two: a layer spans several chunks (whose Gram partials
+    # the reduce kernel sums) and a chunk several tiles (summed in the update kernel).
+    monkeypatch.setattr(work_table, "MIN_CHUNK_COLUMNS_PER_RANK", columns_per_rank)
+    assert work_table.tile_shape(16) == (32, 32 if columns_per_rank == 1 else 64)
+    run_against_oracle("AltLoRAPlus", "alternate", "AB", 3, steps=5, layers=[(3, 71, 45, 6.0), (5, 97, 33, 10.0)], backend="triton")
+
+
+def test_pointers_from_memory_reach_separate_and_strided_tensors(interpreter):
+    # Every factor is reached through an int64 data_ptr() read from the work table (the Triton
+    # docs call pointer-from-memory unsupported in the interpreter; it works, and this keeps it
+    # tested), including a factor that is a strided view into a larger buffer.
+    prob = Problem(SMALL_LAYERS, seed=7)
+    results = {}
+    for backend in ("torch", "triton"):
+        pairs = prob.pairs()
+        big = torch.zeros(5, 12)
+        big[:, :3] = pairs[0].B.detach()
+        pairs[0] = altlora.LoRAPair(torch.nn.Parameter(pairs[0].A.detach().clone()), torch.nn.Parameter(big[:, :3]), pairs[0].scaling, "strided")
+        assert pairs[0].B.stride() == (12, 1)
+        opt = altlora.AltLoRA(pairs, lr=0.05, damping=1e-3, schedule="sequential", backend=backend)
+        for t in range(3):
+            prob.set_grads(t, pairs)
+            opt.step()
+        results[backend] = _state_and_params(pairs, opt)
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_tables_are_rebuilt_only_when_storage_changes(interpreter):
+    prob = Problem(SMALL_LAYERS, seed=3)
+    pairs = prob.pairs()
+    opt = altlora.AltLoRA(pairs, lr=0.05, damping=1e-3, backend="triton")
+    for t in range(4):
+        prob.set_grads(t, pairs)  # fresh gradient tensors every step, as zero_grad(set_to_none=True)
+        opt.step()
+    assert len(work_table._CACHE) == 2  # one table per phase (A, B), reused
+    with torch.no_grad():
+        pairs[0].B.data = pairs[0].B.detach().clone()  # new storage, same values
+    prob.set_grads(4, pairs)
+    opt.step()  # a B phase: its table points at the new storage
+    assert len(work_table._CACHE) == 3
+    assert float(opt.state[pairs[0].A]["step"]) == 2 and float(opt.state[pairs[0].B]["step"]) == 3
+
+
+def test_ranks_above_the_kernels_go_to_the_torch_backend(interpreter):
+    layers = [(3, 7, 5, 6.0), (130, 131, 133, 16.0)]
+    runs = {}
+    for backend in ("torch", "triton"):
+        _, pairs, opt, _ = run_against_oracle("AltLoRA", "alternate", "BA", 1, steps=2, layers=layers, backend=backend)
+        runs[backend] = _state_and_params(pairs, opt)
+    for got, want in zip(runs["triton"], runs["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- damped Cholesky
+def _factor_table(grams: torch.Tensor, crosses: torch.Tensor) -> torch.Tensor:
+    table = torch.zeros(grams.shape[0], NUM_FIELDS, dtype=torch.int64)
+    r = grams.shape[-1]
+    step = r * r * 4
+    table[:, Field.RANK] = r
+    table[:, Field.OTHER_GRAM] = grams.data_ptr() + step * torch.arange(grams.shape[0])
+    table[:, Field.OTHER_CROSS] = crosses.data_ptr() + step * torch.arange(grams.shape[0])
+    return table
+
+
+def test_factor_kernel_escalates_damping_like_cholesky_py(interpreter):
+    good = torch.diag(torch.tensor([2.0, 1.0, 3.0]))
+    zero = torch.zeros(3, 3)
+    nearly_singular = torch.diag(torch.tensor([1.0, 1.0, 1e-9]))
+    u = torch.tensor([[1.0], [2.0], [-1.0]])
+    x = torch.randn(3, 5, generator=torch.Generator().manual_seed(0))
+    grams = torch.stack([good, zero, nearly_singular, u @ u.T, x @ x.T]).contiguous()
+    crosses = torch.randn(5, 3, 3, generator=torch.Generator().manual_seed(1))
+    for damping in (0.0, 1e-3):
+        precond = torch.empty(5, 16, 16)
+        carry = torch.empty(5, 16, 16)
+        triton_cholesky.factor_launch(_factor_table(grams, crosses), 16, damping, precond, carry)()
+        chol = damped_cholesky(grams.double(), damping)
+        want = torch.cholesky_inverse(chol)
+        got = precond[:, :3, :3].double()
+        for i in range(5):
+            # fp32 rounding of G is amplified by the condition number of the shifted Gram; another
+            # rung would change P by orders of magnitude.
+            rtol = max(2e-5, 1e-6 * float(torch.linalg.cond(chol[i] @ chol[i].mT)))
+            torch.testing.assert_close(got[i], want[i], rtol=rtol, atol=0, msg=lambda m: f"matrix {i}, damping {damping}: {m}")
+            torch.testing.assert_close(carry[i, :3, :3].double(), want[i] @ crosses[i].double(), rtol=rtol,
+                                       atol=rtol * float(want[i].abs().max()))
+        assert torch.isfinite(precond).all() and torch.isfinite(carry).all()
+
+
+# ----------------------------------------------------------------------------- CUDA
+def _cuda_pairs(prob):
+    return [altlora.LoRAPair(torch.nn.Parameter(p.A.detach().cuda()), torch.nn.Parameter(p.B.detach().cuda()), p.scaling, p.name)
+            for p in prob.pairs()]
+
+
+def _set_cuda_grads(prob, t, pairs):
+    for i, p in enumerate(pairs):
+        gA, gB = prob.grads(t, i, p.A.detach().cpu(), p.B.detach().cpu(), p.scaling)
+        p.A.grad, p.B.grad = gA.to(p.A.dtype).cuda(), gB.to(p.B.dtype).cuda()
+
+
+@needs_cuda
+@pytest.mark.parametrize("variant,schedule,order,switch_every", CASES)
+def test_cuda_matches_float64_oracle(variant, schedule, order, switch_every):
+    prob = Problem(SMALL_LAYERS + RANK_LAYERS, seed=0)
+    pairs = _cuda_pairs(prob)
+    opt, orc = make(variant, pairs, prob, schedule=schedule, order=order, switch_every=switch_every, backend="triton")
+    for t in range(STEPS):
+        _set_cuda_grads(prob, t, pairs)
+        grads = prob.oracle_grads(t, orc)
+        opt.step()
+        orc.step(grads)
+        compare_with_oracle(opt, pairs, orc, 1e-4, where=f"step {t}")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("r", [4, 8, 16, 64, 128])
+def test_cuda_every_kernel_compiles_and_matches_torch(r, dtype):
+    # The interpreter accepts tl.dot shapes a GPU compiler rejects: build and run every kernel here.
+    layers = [(r, 257, 129, 2.0 * r), (r, 257, 129, float(r))]
+    prob = Problem(layers, seed=r, dtype=dtype)
+    runs = {}
+    for backend in ("torch", "triton"):
+        pairs = _cuda_pairs(prob)
+        opt = altlora.AltLoRAPlus(pairs, lr=1e-2, damping=1e-3, weight_decay=0.01, schedule="sequential", backend=backend,
+                                  nonfinite="skip")
+        for t in range(3):
+            _set_cuda_grads(prob, t, pairs)
+            opt.step()
+        runs[backend] = _state_and_params(pairs, opt)
+    tol = dict(rtol=1e-3, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
+    for got, want in zip(runs["triton"], runs["torch"]):
+        torch.testing.assert_close(got.float(), want.float(), **tol)
+
+
+# ----------------------------------------------------------------------------- sm_90 builds without a GPU
+_PTR_TYPES = {torch.float32: "*fp32", torch.int64: "*i64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+
+
+def _signature(launch):
+    names = list(inspect.signature(launch.kernel.fn).parameters)
+    sig = {}
+    for name, arg in zip(names, launch.args):
+        sig[name] = _PTR_TYPES[arg.dtype] if isinstance(arg, torch.Tensor) else "fp32"
+    sig.update({name: "constexpr" for name in launch.constexprs})
+    return sig
+
+
+def _ptxas_available():
+    from pathlib import Path
+
+    nvidia = Path(triton.__file__).parent / "backends" / "nvidia"
+    return nvidia.is_dir() and (any((nvidia / "bin").glob("ptxas*")) or shutil.which("ptxas"))
+
+
+@pytest.mark.skipif(CUDA, reason="on a GPU test_cuda_every_kernel_compiles_and_matches_torch builds them for real")
+@pytest.mark.skipif(not _ptxas_available(), reason="this Triton has no NVIDIA backend/ptxas to build for a GPU target")
+def test_every_kernel_builds_for_sm90(monkeypatch):
+    # The interpreter accepts tl.dot shapes that a GPU compiler rejects: build every kernel of the
+    # launches a phase makes at r ∈ {4, 8, 16, 64, 128} (padded 16, 64, 128) down to an sm_90 cubin.
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    work_table.clear_cache()
+    seen = set()
+    for r in (4, 8, 16, 64, 128):
+        # Every constexpr switch on at each rank, and the plain fp32 A phase once.
+        configs = [(torch.bfloat16, True, "B")] + ([(torch.float32, False, "A")] if r == 4 else [])
+        for dtype, adaptive, factor in configs:
+            L, d, k = 2, 37, 29
+            shape = (k, r) if factor == "B" else (r, d)
+            params = [torch.zeros(shape, dtype=dtype) for _ in range(L)]
+            eye = torch.eye(r).expand(L, r, r).contiguous()
+            group = FactorGroup(params=params, grads=[torch.zeros_like(p) for p in params], transposed=factor == "B",
+                                momentum=torch.zeros(L, *shape), variance=torch.zeros(L, *shape) if adaptive else None,
+                                step=torch.zeros(L), gram=eye.clone(), cross=eye.clone(), other_gram=eye.clone(),
+                                other_cross=eye.clone(), inv_scale_sq=torch.ones(L),
+                                snapshot=torch.zeros(L, *shape, dtype=dtype) if adaptive else None)
+            hp = PhaseHyperParams(lr=0.1, beta1=0.9, weight_decay=0.0, damping=1e-3, adaptive=adaptive)
+            for launch in triton_phase_update.phase_launches([group], hp, torch.zeros(()) if adaptive else None):
+                key = (launch.kernel.__name__, tuple(sorted((n, str(v)) for n, v in launch.constexprs.items())), launch.num_warps)
+                if key in seen:
+                    continue
+                seen.add(key)
+                source = ASTSource(fn=launch.kernel.get(), signature=_signature(launch), constexprs=dict(launch.constexprs))
+                compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": launch.num_warps})
+                assert compiled.asm["cubin"], key
+    work_table.clear_cache()
+    assert {k[0] for k in seen} == {"_factor_kernel", "_update_kernel", "_reduce_kernel"}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
