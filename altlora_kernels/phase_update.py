@@ -80,25 +80,21 @@ class FactorGroup:
 # and compute the row-form products without materializing transposes.
 
 
-def _left(m: torch.Tensor, x: torch.Tensor, transposed: bool) -> torch.Tensor:
+def _left(m: torch.Tensor, x: torch.Tensor, transposed: bool, out=None) -> torch.Tensor:
     """m · X_row for r×r ``m``, returned in X's stored layout."""
-    return torch.bmm(x, m.mT) if transposed else torch.bmm(m, x)
+    return torch.bmm(x, m.mT, out=out) if transposed else torch.bmm(m, x, out=out)
 
 
-def _left_add(base: torch.Tensor, m: torch.Tensor, x: torch.Tensor, transposed: bool, beta: float, alpha: float):
-    """beta·base + alpha·(m · X_row), in the stored layout."""
+def _left_add(base: torch.Tensor, m: torch.Tensor, x: torch.Tensor, transposed: bool, out=None) -> torch.Tensor:
+    """base + m · X_row, in the stored layout."""
     if transposed:
-        return torch.baddbmm(base, x, m.mT, beta=beta, alpha=alpha)
-    return torch.baddbmm(base, m, x, beta=beta, alpha=alpha)
+        return torch.baddbmm(base, x, m.mT, out=out)
+    return torch.baddbmm(base, m, x, out=out)
 
 
-def _row_products(x: torch.Tensor, y: torch.Tensor, transposed: bool) -> torch.Tensor:
-    """X_row · Y_rowᵀ (r×r) from stored layouts: A·Bᵀ-like for A, Xᵀ·Y for B."""
-    return torch.bmm(x.mT, y) if transposed else torch.bmm(x, y.mT)
-
-
-def _keep_old(found_inf: Optional[torch.Tensor], old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
-    return new if found_inf is None else torch.where(found_inf != 0, old, new)
+def _row_products(x: torch.Tensor, y: torch.Tensor, transposed: bool, out=None) -> torch.Tensor:
+    """X_row · Y_rowᵀ (r×r) from stored layouts: X·Yᵀ for A, Xᵀ·Y for B."""
+    return torch.bmm(x.mT, y, out=out) if transposed else torch.bmm(x, y.mT, out=out)
 
 
 def phase_update_torch(
@@ -113,47 +109,62 @@ def phase_update_torch(
 
 def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optional[torch.Tensor]) -> None:
     t = g.transposed
+    # Without found_inf every state buffer is written in place by the op that computes it; with
+    # it, new values go to temporaries and a torch.where keeps the old ones on a skipped phase.
+    direct = found_inf is None
     stored = torch.stack(list(g.params))
     x_old = stored.float()
     grad = torch.stack(list(g.grads)).float()
 
     # NOTE: P is formed from the Cholesky factor of the *damped* Gram (never by inverting a raw
     # Gram) and applied with bmm: for r ≤ 128 this is as accurate as cholesky_solve and several
-    # times faster than a batched triangular solve with d right-hand sides. Scalars (1/s², 1−β1)
-    # are folded into the r×r matrices so that the d-sized tensors see as few passes as possible.
+    # times faster than a batched triangular solve with d right-hand sides. Scalars (1/s², β1,
+    # 1−β1) are folded into the r×r matrices so that the d-sized tensors see as few passes as possible.
     inverse = torch.cholesky_inverse(damped_cholesky(g.other_gram, hp.damping))  # P
     carry = torch.bmm(inverse, g.other_cross)  # P · C_Y
     precond = inverse * g.inv_scale_sq[:, None, None]  # P / s²
+    momentum_out = g.momentum if direct else None
+    new_step = g.step + 1.0
     if hp.adaptive:
         scaled_grad = _left(precond, grad, t)  # g̃
-        new_momentum = _left_add(scaled_grad, carry, g.momentum, t, beta=1.0 - hp.beta1, alpha=hp.beta1)
-        new_variance = g.variance * hp.beta2
-        new_variance.addcmul_(scaled_grad, scaled_grad, value=1.0 - hp.beta2)
-        new_step = g.step + 1.0
+        carried = _left(carry, g.momentum, t)  # M̃
+        new_momentum = torch.lerp(carried, scaled_grad, 1.0 - hp.beta1, out=momentum_out)
+        if direct:
+            new_variance = g.variance.mul_(hp.beta2).addcmul_(scaled_grad, scaled_grad, value=1.0 - hp.beta2)
+        else:
+            new_variance = torch.addcmul(g.variance * hp.beta2, scaled_grad, scaled_grad, value=1.0 - hp.beta2)
         bias1 = (1.0 - torch.pow(hp.beta1, new_step))[:, None, None]
         bias2 = (1.0 - torch.pow(hp.beta2, new_step))[:, None, None]
         update = (new_variance / bias2).sqrt_().add_(hp.eps)
         update = torch.div(new_momentum, update).div_(bias1)
     else:
-        new_momentum = _left(precond * (1.0 - hp.beta1), grad, t)
-        new_momentum = _left_add(new_momentum, carry, g.momentum, t, beta=1.0, alpha=hp.beta1)
-        new_step = g.step + 1.0
+        carried = _left(carry * hp.beta1, g.momentum, t)  # β1·M̃
+        new_momentum = _left_add(carried, precond * (1.0 - hp.beta1), grad, t, out=momentum_out)
         update = new_momentum
     x_new = x_old * (1.0 - hp.lr * hp.weight_decay) if hp.weight_decay else x_old
     x_new = torch.sub(x_new, update, alpha=hp.lr)
 
-    new_stored = _keep_old(found_inf, stored, x_new.to(stored.dtype))
-    written = new_stored if new_stored.dtype == torch.float32 else new_stored.float()
+    new_stored = x_new.to(stored.dtype)
     reference = x_old if g.snapshot is None else g.snapshot.float()
-    # NOTE: on a skipped phase every output must keep its old value; `cross` in particular cannot
-    # be recomputed from the unchanged factor, hence _keep_old on each of them.
-    g.cross.copy_(_keep_old(found_inf, g.cross, _row_products(written, reference, t)))
-    g.gram.copy_(_keep_old(found_inf, g.gram, _row_products(written, written, t)))
-    g.other_cross.copy_(_keep_old(found_inf, g.other_cross, g.other_gram))
-    g.momentum.copy_(_keep_old(found_inf, g.momentum, new_momentum))
-    if hp.adaptive:
-        g.variance.copy_(_keep_old(found_inf, g.variance, new_variance))
-    g.step.copy_(_keep_old(found_inf, g.step, new_step))
+    if direct:
+        written = new_stored if new_stored.dtype == torch.float32 else new_stored.float()
+        _row_products(written, reference, t, out=g.cross)
+        _row_products(written, written, t, out=g.gram)
+        g.other_cross.copy_(g.other_gram)
+        g.step.copy_(new_step)
+    else:
+        # NOTE: on a skipped phase every output keeps its old value; `cross` in particular cannot
+        # be recomputed from the unchanged factor.
+        skip = found_inf != 0
+        new_stored = torch.where(skip, stored, new_stored)
+        written = new_stored if new_stored.dtype == torch.float32 else new_stored.float()
+        g.cross.copy_(torch.where(skip, g.cross, _row_products(written, reference, t)))
+        g.gram.copy_(torch.where(skip, g.gram, _row_products(written, written, t)))
+        g.other_cross.copy_(torch.where(skip, g.other_cross, g.other_gram))
+        g.momentum.copy_(torch.where(skip, g.momentum, new_momentum))
+        if hp.adaptive:
+            g.variance.copy_(torch.where(skip, g.variance, new_variance))
+        g.step.copy_(torch.where(skip, g.step, new_step))
     torch._foreach_copy_(list(g.params), list(new_stored.unbind(0)))
 
 
