@@ -13,7 +13,7 @@ import datetime
 import platform
 import statistics
 import time
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Optional, Sequence
 
 import torch
 

@@ -122,7 +122,7 @@ def test_missing_data_package_is_one_line(monkeypatch, capsys):
 
 
 def test_unwritable_output_is_one_line(tmp_path, capsys, monkeypatch):
-    from altlora.finetune import commands, report
+    from altlora.finetune import commands
 
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -5,7 +5,10 @@
 >>> opt = altlora.AltLoRAPlus(altlora.find_lora_pairs(model), lr=1e-3)
 """
 
+from .initialization import init_lora
+from .layers import LoRALayer, find_lora_layers
 from .lora_linear import LoRALinear
+from .mgpo import MGPO
 from .optimizers import DEFAULT_DAMPING, DEFAULT_OTHER_LR, AltLoRA, AltLoRAPlus
 from .pairs import LoRAPair, find_lora_pairs
 from .peft_fusion import FusionReport, fuse_peft, unfuse_peft
@@ -17,7 +20,11 @@ __all__ = [
     "AltLoRAPlus",
     "LoRAPair",
     "find_lora_pairs",
+    "find_lora_layers",
+    "LoRALayer",
     "LoRALinear",
+    "MGPO",
+    "init_lora",
     "fuse_peft",
     "unfuse_peft",
     "FusionReport",

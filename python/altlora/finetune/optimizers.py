@@ -61,12 +61,13 @@ def _damping(damping):
     return {} if damping is None else {"damping": damping}
 
 
-def _altlora(model, lr, schedule, order, damping=None, **_):
-    return altlora.AltLoRA(model, lr=lr, schedule=schedule, order=order, other_lr=HEAD_LR, **_damping(damping))
+def _altlora(model, lr, schedule, order, damping=None, head_lr=None, **_):
+    return altlora.AltLoRA(model, lr=lr, schedule=schedule, order=order, other_lr=head_lr or HEAD_LR, **_damping(damping))
 
 
-def _altloraplus(model, lr, schedule, order, damping=None, **_):
-    return altlora.AltLoRAPlus(model, lr=lr, schedule=schedule, order=order, other_lr=HEAD_LR, **_damping(damping))
+def _altloraplus(model, lr, schedule, order, damping=None, head_lr=None, **_):
+    return altlora.AltLoRAPlus(model, lr=lr, schedule=schedule, order=order, other_lr=head_lr or HEAD_LR,
+                               **_damping(damping))
 
 
 def _adamw(model, lr, **_):
@@ -82,10 +83,10 @@ def _loraplus(model, lr, **_):
     ])
 
 
-def _sgd(model, lr, **_):
+def _sgd(model, lr, head_lr=None, **_):
     pairs, rest = _lora_and_rest(model)
     lora = torch.optim.SGD([t for p in pairs for t in (p.A, p.B)], lr=lr)
-    return _Together(lora, torch.optim.AdamW(rest, lr=HEAD_LR)) if rest else lora
+    return _Together(lora, torch.optim.AdamW(rest, lr=head_lr or HEAD_LR)) if rest else lora
 
 
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
@@ -98,11 +99,12 @@ OPTIMIZERS: Dict[str, OptimizerSpec] = {
 DEFAULT_OPTIMIZERS = ("altlora", "altloraplus", "adamw", "loraplus")
 
 
-def build_optimizer(name: str, model, lr: float, schedule: str = "alternate", order: str = "BA", damping=None):
+def build_optimizer(name: str, model, lr: float, schedule: str = "alternate", order: str = "BA", damping=None,
+                    head_lr=None):
     if name not in OPTIMIZERS:
         raise CLIError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     try:
-        return OPTIMIZERS[name].build(model, lr=lr, schedule=schedule, order=order, damping=damping)
+        return OPTIMIZERS[name].build(model, lr=lr, schedule=schedule, order=order, damping=damping, head_lr=head_lr)
     except ValueError as err:
         raise CLIError(f"{name}: {err}") from None
 

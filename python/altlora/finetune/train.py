@@ -29,6 +29,7 @@ class RunConfig:
     schedule: str = "alternate"
     order: str = "BA"
     damping: Optional[float] = None  # AltLoRA / AltLoRA+ only; None = the optimizer's default
+    head_lr: Optional[float] = None  # AdamW lr of the head for altlora/altloraplus/sgd; None = HEAD_LR
 
 
 @dataclass
@@ -74,7 +75,7 @@ def train_run(cfg: RunConfig, train: TokenizedSet, val: TokenizedSet, progress=N
     or gradient) stops and is reported as diverged instead of aborting the comparison."""
     model = build_lora_model(cfg.rank, cfg.alpha, cfg.seed)
     model.train()
-    opt = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.schedule, cfg.order, cfg.damping)
+    opt = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.schedule, cfg.order, cfg.damping, cfg.head_lr)
     result = RunResult(cfg)
     result.evals.append((0, evaluate(model, val)))
     train_time = 0.0
