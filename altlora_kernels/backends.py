@@ -5,7 +5,11 @@ Each concrete backend is a module of this package that defines
     unavailable_reason(device: torch.device | None) -> str | None   # None: it can run there
     phase_update(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_inf: Tensor | None) -> None
 
-with the semantics of ``phase_update.py`` (the torch backend, which runs everywhere). A backend
+with the semantics of ``phase_update.py`` (the torch backend, which runs everywhere), and may define
+
+    prepare(device) -> None      # make it runnable (e.g. compile it); called only for an explicit name
+
+A backend
 whose module is missing or whose ``unavailable_reason`` says so cannot be chosen: naming it raises
 a ``RuntimeError`` that says why; ``"auto"`` takes the first available one in ``AUTO_ORDER`` for
 the device and falls back to ``"torch"`` quietly.
@@ -63,6 +67,11 @@ def resolve_backend(name: str, device: Optional[torch.device] = None) -> str:
     if name == "auto":
         order = AUTO_ORDER.get(device.type, ("torch",)) if device is not None else ("torch",)
         return next(b for b in order if unavailable_reason(b, device) is None)
+    module = _module(name)
+    if module is not None and hasattr(module, "prepare"):
+        # Only a backend the user named may take time to get ready (the native one compiles):
+        # "auto" never waits on a compiler.
+        module.prepare(device)
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise RuntimeError(f"{reason}; use backend='torch' (runs everywhere) or backend='auto'")

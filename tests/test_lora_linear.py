@@ -317,7 +317,7 @@ def test_b_phase_keeps_h_not_x(backend, p):
         x = x0 * 1.0  # a non-leaf activation (the product by a Python scalar saves nothing)
         x_storage = x.untyped_storage().data_ptr()
         x_ref = weakref.ref(x)
-        y, saved = _saved_storages(lambda: lora_linear(x, params["weight"], None, A, B, prob["s"], dropout_p=p,
+        y, saved = _saved_storages(lambda x=x: lora_linear(x, params["weight"], None, A, B, prob["s"], dropout_p=p,
                                                        dropout_seed=3, backend=backend))
         param_ptrs = {t.untyped_storage().data_ptr() for t in (params["weight"], A, B)}
         activations = [(ptr, nbytes) for ptr, nbytes in saved if ptr not in param_ptrs]

@@ -1,0 +1,423 @@
+"""The native (C++) backend: against the float64 oracle, its damping ladder, and its absence.
+
+The extension is compiled once per machine and source version (tens of seconds the first time,
+then loaded from the cache); every test that needs it shares the module-scoped ``extension``
+fixture. Without a C++ compiler those tests skip, and the fallback tests still run: they
+simulate a missing compiler (or a failing build) on any machine.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import altlora
+import altlora_kernels as K
+from altlora_kernels import native_phase_update as native
+from altlora_kernels.cholesky import ABSOLUTE_FLOOR, ESCALATION, damping_ladder
+from altlora_kernels.phase_update import phase_update_torch
+from problems import Problem, compare_with_oracle
+from test_oracle import CASES, make, run_against_oracle
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def extension():
+    reason = native.unavailable_reason(CPU)
+    if reason is not None:
+        pytest.skip(reason)
+    start = time.perf_counter()
+    module = native.load_extension(build=True)  # a build failure is an error here, not a skip
+    print(f"native extension ready in {time.perf_counter() - start:.1f} s: {module.__file__}")
+    return module
+
+
+# ------------------------------------------------------------------ against the float64 oracle
+
+
+@pytest.mark.parametrize("variant,schedule,order,switch_every", CASES)
+def test_matches_float64_oracle(extension, variant, schedule, order, switch_every):
+    prob, pairs, opt, _ = run_against_oracle(variant, schedule, order, switch_every, backend="native")
+    assert opt._backend == "native"
+    before = sum(prob.loss(i, A, B, s) for i, (A, B, s) in enumerate(prob.init))
+    after = sum(prob.loss(i, p.A, p.B, p.scaling) for i, p in enumerate(pairs))
+    assert after < 0.6 * before
+
+
+# Wider than one column chunk (r=8: 2048 columns, r=3: 5376) and not a multiple of a tile, so
+# that the partial Gram sums of several chunks per layer are exercised; r = 1 beside them. With
+# 1 thread the kernel takes whole layers as work items, with 4 threads and 4 layers it splits
+# them into (layer, chunk) items over three passes: both schedules are checked.
+WIDE_LAYERS = [(8, 2101, 37, 16.0), (3, 5400, 9, 6.0), (1, 13, 1031, 2.0), (8, 2101, 37, 8.0)]
+
+
+@pytest.fixture
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("threads", [1, 4], indirect=True)
+@pytest.mark.parametrize("variant,schedule", [("AltLoRA", "sequential"), ("AltLoRAPlus", "alternate")])
+def test_wide_layers_split_over_chunks_match_oracle(extension, threads, variant, schedule):
+    run_against_oracle(variant, schedule, "BA", 1, steps=8, layers=WIDE_LAYERS, backend="native")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("variant,schedule", [("AltLoRA", "alternate"), ("AltLoRAPlus", "alternate"),
+                                              ("AltLoRA", "sequential")])
+def test_half_precision_parameters_match_rounded_oracle(extension, variant, schedule, dtype):
+    # As in test_oracle: the oracle rounds every written factor to the parameter dtype; fp32 vs
+    # float64 arithmetic can round a value to the neighbouring representable number.
+    run_against_oracle(variant, schedule, "BA", 1, steps=10, tol=3e-2, dtype=dtype, param_dtype=dtype,
+                       backend="native")
+
+
+def test_zero_B_with_zero_damping_stays_finite_and_matches_oracle(extension):
+    # Order AB: the first phase is an A phase with B = 0, so BᵀB = 0 takes the ladder's last rung
+    # (and ∇A = 0); the B phases that follow start from B = 0 too.
+    prob = Problem(seed=5, zero_B=True)
+    pairs = prob.pairs()
+    opt, orc = make("AltLoRA", pairs, prob, schedule="alternate", order="AB", damping=0.0, weight_decay=0.0,
+                    backend="native")
+    for t in range(8):
+        prob.set_grads(t, pairs)
+        grads = prob.oracle_grads(t, orc)
+        opt.step()
+        orc.step(grads)
+        for p in pairs:
+            assert torch.isfinite(p.A).all() and torch.isfinite(p.B).all()
+        compare_with_oracle(opt, pairs, orc, 1e-4, where=f"step {t}")
+
+
+def test_rank_deficient_factor_with_zero_damping_escalates_like_the_oracle(extension):
+    layers = [(3, 7, 5, 6.0), (8, 13, 17, 16.0)]
+    prob = Problem(layers, seed=3)
+    for i, (A, B, s) in enumerate(prob.init):
+        gen = torch.Generator().manual_seed(i)
+        u = torch.randn(B.shape[0], 1, generator=gen, dtype=torch.float64)
+        v = torch.randn(1, B.shape[1], generator=gen, dtype=torch.float64)
+        prob.init[i] = (A, u @ v, s)
+    pairs = prob.pairs()
+    opt, orc = make("AltLoRA", pairs, prob, schedule="alternate", order="AB", damping=0.0, weight_decay=0.0,
+                    backend="native")
+    prob.set_grads(0, pairs)
+    grads = prob.oracle_grads(0, orc)
+    opt.step()
+    orc.step(grads)
+    # Same tolerances as the torch backend's test (test_oracle.py): in the null directions of BᵀB
+    # the exact ∇A is zero and fp32 rounding is amplified by the escalated damping.
+    compare_with_oracle(opt, pairs, orc, 1e-4, where="A phase with rank-1 B", moment_tol=2e-2)
+
+
+# ------------------------------------------------------------------ the damping ladder
+
+
+def _ladder_cases():
+    good = torch.diag(torch.tensor([2.0, 1.0, 3.0]))
+    zero = torch.zeros(3, 3)
+    nearly_singular = torch.diag(torch.tensor([1.0, 1.0, 1e-9]))
+    u = torch.tensor([[1.0], [2.0], [-1.0]])
+    return torch.stack([good, zero, nearly_singular, u @ u.T])
+
+
+def _reconstruct(L):
+    return L @ L.mT
+
+
+def test_ladder_takes_the_same_rungs_as_damped_cholesky(extension):
+    G = _ladder_cases()
+    factor, rung = native.damped_cholesky(G, 0.0)
+    assert rung.tolist() == [0, len(ESCALATION), 1, 1]  # untouched, last rung (floor), first rung twice
+    # LLᵀ = G + λI with the same λ; the factors themselves differ by fp32 (LAPACK) vs double
+    # rounding where the shifted Gram is ill-conditioned.
+    torch.testing.assert_close(_reconstruct(factor), _reconstruct(K.damped_cholesky(G, 0.0)), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(_reconstruct(factor[1]), ABSOLUTE_FLOOR * torch.eye(3), rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("damping", [0.0, 1e-6, 1e-3])
+def test_ladder_agrees_with_damped_cholesky_on_random_grams(extension, damping):
+    gen = torch.Generator().manual_seed(0)
+    blocks = []
+    for r, n in ((1, 4), (3, 2), (5, 9), (8, 3), (8, 20)):  # full rank and rank-deficient (n < r)
+        X = torch.randn(6, r, n, generator=gen)
+        blocks.append(X @ X.mT)
+    rungs = []
+    for G in blocks + [torch.zeros(2, 4, 4)]:
+        factor, rung = native.damped_cholesky(G, damping)
+        rungs += rung.tolist()
+        assert torch.isfinite(factor).all()
+        want = K.damped_cholesky(G, damping)
+        # The rung torch took: the ladder value nearest to the shift its factor reconstructs.
+        shift = (_reconstruct(want) - G).diagonal(dim1=-2, dim2=-1).mean(-1)
+        torch_rung = (damping_ladder(G, damping) - shift).abs().argmin(0)
+        assert rung.tolist() == torch_rung.tolist()
+        scale = max(float(G.diagonal(dim1=-2, dim2=-1).amax()), damping, ABSOLUTE_FLOOR)
+        torch.testing.assert_close(_reconstruct(factor), _reconstruct(want), rtol=1e-5, atol=1e-6 * scale)
+    if damping == 0.0:
+        assert 0 in rungs and 1 in rungs and len(ESCALATION) in rungs  # requested, escalated, floor
+
+
+# ------------------------------------------------------------------ the kernel call itself
+
+
+def _factor_group(L=3, r=3, n=29, transposed=True, dtype=torch.float32, adaptive=False, snapshot=False, seed=0,
+                  strided=False):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (n, r) if transposed else (r, n)
+
+    def param_like():
+        t = torch.randn(shape[0], 2 * shape[1], generator=gen).to(dtype)
+        return t[:, ::2] if strided else t[:, : shape[1]].contiguous()
+
+    Y = torch.randn(L, r, r + 4, generator=gen)
+    other_gram = Y @ Y.mT
+    return K.FactorGroup(
+        params=[param_like() for _ in range(L)],
+        grads=[param_like() for _ in range(L)],
+        transposed=transposed,
+        momentum=torch.randn(L, *shape, generator=gen),
+        variance=torch.rand(L, *shape, generator=gen) if adaptive else None,
+        step=torch.full((L,), 2.0),
+        gram=torch.randn(L, r, r, generator=gen),
+        cross=torch.randn(L, r, r, generator=gen),
+        other_gram=other_gram,
+        other_cross=other_gram + 0.1 * torch.randn(L, r, r, generator=gen),
+        inv_scale_sq=torch.rand(L, generator=gen) + 0.5,
+        snapshot=torch.randn(L, *shape, generator=gen).to(dtype) if snapshot else None,
+    )
+
+
+def _outputs(g):
+    outs = {"params": torch.stack([p.float() for p in g.params])}
+    for key in ("momentum", "variance", "step", "gram", "cross", "other_cross"):
+        if getattr(g, key) is not None:
+            outs[key] = getattr(g, key).clone()
+    return outs
+
+
+def _clone(g):
+    copy = lambda t: None if t is None else t.clone()  # noqa: E731
+    return K.FactorGroup(
+        params=[p.clone() for p in g.params],
+        grads=list(g.grads), transposed=g.transposed, momentum=copy(g.momentum), variance=copy(g.variance),
+        step=copy(g.step), gram=copy(g.gram), cross=copy(g.cross), other_gram=copy(g.other_gram),
+        other_cross=copy(g.other_cross), inv_scale_sq=g.inv_scale_sq, snapshot=copy(g.snapshot))
+
+
+HP = K.PhaseHyperParams(lr=0.02, beta1=0.9, weight_decay=0.1, damping=1e-3, beta2=0.99, eps=1e-8)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("snapshot", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+def test_several_groups_in_one_call_equal_the_torch_backend(extension, adaptive, snapshot, strided):
+    # Both factors' layouts, mixed dtypes and ranks in one call; with `strided` the parameters and
+    # gradients are non-contiguous views (column stride 2).
+    specs = [dict(transposed=True, r=3, n=29), dict(transposed=False, r=8, n=301, L=2),
+             dict(transposed=True, r=1, n=17, dtype=torch.bfloat16), dict(transposed=False, r=5, n=40, dtype=torch.float16)]
+    groups = [_factor_group(adaptive=adaptive, snapshot=snapshot, strided=strided, seed=i, **s) for i, s in enumerate(specs)]
+    reference = [_clone(g) for g in groups]
+    hp = K.PhaseHyperParams(**{**HP.__dict__, "adaptive": adaptive})
+    native.phase_update(groups, hp)
+    phase_update_torch(reference, hp)
+    for i, (got, want) in enumerate(zip(groups, reference)):
+        low_precision = got.params[0].dtype != torch.float32
+        for key, value in _outputs(want).items():
+            tol = dict(rtol=1e-2, atol=1e-2) if low_precision and key in ("params", "gram", "cross") else dict(rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(_outputs(got)[key], value, **tol, msg=lambda m: f"group {i} {key}: {m}")
+
+
+def test_found_inf_leaves_every_output_bitwise_unchanged(extension):
+    groups = [_factor_group(adaptive=True, snapshot=True), _factor_group(transposed=False, dtype=torch.bfloat16,
+                                                                      adaptive=True, seed=1)]
+    before = [_outputs(g) for g in groups]
+    native.phase_update(groups, K.PhaseHyperParams(**{**HP.__dict__, "adaptive": True}), torch.tensor(1.0))
+    for g, old in zip(groups, before):
+        for key, value in _outputs(g).items():
+            assert torch.equal(value, old[key]), key
+    native.phase_update(groups, K.PhaseHyperParams(**{**HP.__dict__, "adaptive": True}), torch.tensor(0.0))
+    assert not torch.equal(_outputs(groups[0])["params"], before[0]["params"])
+
+
+def test_writes_bump_version_counters(extension):
+    # Like torch's in-place ops, so autograd notices a parameter changed under a saved graph.
+    g = _factor_group()
+    versions = [p._version for p in g.params] + [g.momentum._version, g.gram._version]
+    native.phase_update([g], HP)
+    after = [p._version for p in g.params] + [g.momentum._version, g.gram._version]
+    assert all(b > a for a, b in zip(versions, after))
+
+
+def test_bad_input_raises_value_error_naming_it(extension):
+    g = _factor_group()
+    g.momentum = g.momentum.double()
+    with pytest.raises(ValueError, match=r"groups\[0\]\.momentum must be Float"):
+        native.phase_update([g], HP)
+    g = _factor_group()
+    g.params = [p.to(torch.float64) for p in g.params]
+    with pytest.raises(ValueError, match=r"groups\[0\]\.params have dtype Double"):
+        native.phase_update([g], HP)
+    with pytest.raises(ValueError, match="variance is required"):
+        native.phase_update([_factor_group()], K.PhaseHyperParams(**{**HP.__dict__, "adaptive": True}))
+
+
+# ------------------------------------------------------------------ non-finite gradients
+
+
+def _nan_grads(pairs, factors="B"):
+    for f in factors:
+        getattr(pairs[1], f).grad[0, 0] = float("nan")
+
+
+def test_nonfinite_raise_changes_nothing(extension):
+    prob = Problem()
+    pairs = prob.pairs()
+    opt, _ = make("AltLoRAPlus", pairs, prob, schedule="sequential", order="BA", backend="native")
+    prob.set_grads(0, pairs)
+    opt.step()
+    prob.set_grads(1, pairs)
+    _nan_grads(pairs)
+    params = [t.clone() for p in pairs for t in (p.A, p.B)]
+    state = {id(t): {k: v.clone() for k, v in opt.state[t].items()} for p in pairs for t in (p.A, p.B)}
+    with pytest.raises(FloatingPointError, match="layer1.lora_B"):
+        opt.step()
+    for old, t in zip(params, [t for p in pairs for t in (p.A, p.B)]):
+        assert torch.equal(old, t)
+        for k, v in opt.state[t].items():
+            assert torch.equal(state[id(t)][k], v), k
+
+
+@pytest.mark.parametrize("variant", ["AltLoRA", "AltLoRAPlus"])
+def test_nonfinite_skip_equals_the_torch_backend(extension, variant):
+    # A skipped step leaves everything as it was, on the device; the runs stay equal after it.
+    runs = {}
+    for backend in ("native", "torch"):
+        prob = Problem(seed=2)
+        pairs = prob.pairs()
+        opt, _ = make(variant, pairs, prob, schedule="alternate", order="BA", backend=backend, nonfinite="skip")
+        for t in range(7):
+            prob.set_grads(t, pairs)
+            if t == 3:
+                _nan_grads(pairs, "AB")  # whichever phase step 3 runs consumes a NaN
+            opt.step()
+        runs[backend] = (pairs, opt)
+    (pairs_n, opt_n), (pairs_t, opt_t) = runs["native"], runs["torch"]
+    assert opt_n.skipped_steps == opt_t.skipped_steps == 1
+    for pn, pt in zip(pairs_n, pairs_t):
+        for a, b in ((pn.A, pt.A), (pn.B, pt.B)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            for key, value in opt_t.state[b].items():
+                torch.testing.assert_close(opt_n.state[a][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+# ------------------------------------------------------------------ built or not: auto, explicit, no compiler
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """A cache without the library and a process that has not loaded it."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(native, "_LIBRARY", native._Library())
+    return tmp_path
+
+
+def _train_a_few_steps(backend):
+    prob = Problem()
+    pairs = prob.pairs()
+    opt = altlora.AltLoRA(pairs, lr=0.05, damping=1e-3, backend=backend)
+    before = sum(prob.loss(i, p.A, p.B, p.scaling) for i, p in enumerate(pairs))
+    for t in range(6):
+        prob.set_grads(t, pairs)
+        opt.step()
+    after = sum(prob.loss(i, p.A, p.B, p.scaling) for i, p in enumerate(pairs))
+    return opt, before, after
+
+
+def test_without_a_compiler_auto_trains_with_torch_and_native_says_why(empty_cache, monkeypatch):
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    reason = K.unavailable_reason("native", CPU)
+    assert reason is not None and "no C++ compiler" in reason
+    assert K.resolve_backend("auto", CPU) == "torch"
+    opt, before, after = _train_a_few_steps("auto")
+    assert opt._backend == "torch" and after < before
+    with pytest.raises(RuntimeError, match=r"no C\+\+ compiler"):
+        altlora.AltLoRA(Problem().pairs(), lr=0.05, backend="native")
+    assert not any(empty_cache.iterdir())  # nothing was attempted
+
+
+def test_a_failing_build_is_reported_once_and_changes_nothing(empty_cache, monkeypatch):
+    calls = []
+
+    def failing_build():
+        calls.append(1)
+        raise native.NativeUnavailable("simulated: the C++ compiler crashed")
+
+    monkeypatch.setattr(native, "_toolchain_problem", lambda: None)  # a compiler "is there"
+    monkeypatch.setattr(native, "_build", failing_build)
+    group = _factor_group()
+    before = _outputs(group)
+    with pytest.raises(RuntimeError, match="simulated: the C\\+\\+ compiler crashed"):
+        native.phase_update([group], HP)  # first use builds, and the build fails
+    assert all(torch.equal(value, before[key]) for key, value in _outputs(group).items())
+    assert "compiler crashed" in K.unavailable_reason("native", CPU)  # remembered, not retried
+    with pytest.raises(RuntimeError, match="compiler crashed"):
+        altlora.AltLoRA(Problem().pairs(), lr=0.05, backend="native")
+    assert K.resolve_backend("auto", CPU) == "torch"
+    _, before_loss, after_loss = _train_a_few_steps("auto")
+    assert after_loss < before_loss
+    assert len(calls) == 1
+
+
+def test_auto_never_builds_and_explicit_native_builds_on_first_request(extension, empty_cache, monkeypatch):
+    calls = []
+
+    def fake_build():  # stands for a compile: returns the library the fixture built
+        calls.append(1)
+        return extension
+
+    monkeypatch.setattr(native, "_toolchain_problem", lambda: None)
+    monkeypatch.setattr(native, "_build", fake_build)
+    assert "not built yet" in native.unavailable_reason(CPU)
+    assert K.resolve_backend("auto", CPU) == "torch"  # not built: auto takes torch, and builds nothing
+    opt, before, after = _train_a_few_steps("auto")
+    assert opt._backend == "torch" and after < before and not calls
+    chosen = K.resolve_backend("native", CPU)
+    assert chosen == "native" and len(calls) == 1
+    assert native.unavailable_reason(CPU) is None and K.resolve_backend("auto", CPU) == "native"
+    assert len(calls) == 1
+
+
+def test_native_refuses_other_devices():
+    reason = native.unavailable_reason(torch.device("cuda", 0))
+    assert "CPU only" in reason and "cuda:0" in reason
+
+
+def test_package_imports_and_trains_without_a_compiler(tmp_path):
+    # A fresh interpreter, no compiler, an empty cache: import, auto → torch, training works.
+    script = textwrap.dedent("""
+        import torch, altlora, altlora_kernels as K
+        pairs = [altlora.LoRAPair(torch.nn.Parameter(torch.randn(2, 5)), torch.nn.Parameter(torch.zeros(3, 2)), 1.0)]
+        opt = altlora.AltLoRA(pairs, lr=0.1)
+        for _ in range(2):
+            pairs[0].A.grad, pairs[0].B.grad = torch.randn(2, 5), torch.randn(3, 2)
+            opt.step()
+        assert torch.isfinite(pairs[0].B).all() and pairs[0].B.abs().sum() > 0
+        try:
+            K.resolve_backend("native", torch.device("cpu"))
+        except RuntimeError as err:
+            print("native:", err)
+        print("backend:", opt._backend)
+    """)
+    env = dict(os.environ, CXX="/nonexistent/c++", TORCH_EXTENSIONS_DIR=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "backend: torch" in out.stdout
+    assert "native: backend='native' is unavailable: no C++ compiler found" in out.stdout
