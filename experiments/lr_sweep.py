@@ -28,7 +28,10 @@ GRID = {
     "adamw": [dict(lr=lr) for lr in (1e-4, 3e-4, 1e-3, 3e-3)],
     "loraplus": [dict(lr=lr) for lr in (3e-5, 1e-4, 3e-4, 1e-3)],
     "altloraplus": [dict(lr=lr) for lr in (3e-4, 1e-3, 3e-3)],
-    "altlora": [dict(lr=lr, damping=d) for d in (1e-6, 1e-4, 1e-2) for lr in (1e-2, 3e-2, 1e-1)],
+    # The first 3×3 grid had its best accuracy at its largest lr for damping ≥ 1e-4, so it was
+    # extended to larger lrs there.
+    "altlora": [dict(lr=lr, damping=d) for d in (1e-6, 1e-4, 1e-2) for lr in (1e-2, 3e-2, 1e-1)]
+    + [dict(lr=lr, damping=d) for d in (1e-4, 1e-2) for lr in (3e-1, 1.0)],
     "sgd": [dict(lr=lr) for lr in (0.1, 0.3, 1.0, 3.0)],
 }
 HERE = os.path.dirname(os.path.abspath(__file__))

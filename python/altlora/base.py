@@ -14,10 +14,14 @@ from collections import defaultdict
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
+from torch import nn
 from torch.optim import Optimizer
 
 import altlora_kernels as K
 
+from . import distributed as D
+from .deepspeed_guard import check_lora_params_in_place, check_no_zero3_parameters
 from .pairs import LoRAPair
 from .param_groups import ADAMW, KIND, LORA, collect_param_groups
 from .schedule import Schedule
@@ -31,10 +35,12 @@ NONFINITE_MODES = ("raise", "skip")
 EXP_AVG = "exp_avg"
 EXP_AVG_SQ = "exp_avg_sq"
 
-# Group keys that describe the structure, not hyper-parameters: never taken from a state_dict.
-_STRUCTURE_KEYS = ("params", KIND, "lora_names", "lora_scalings")
-
 _STATE_DICT_KEY = "altlora"
+
+# Group keys that describe the structure, not hyper-parameters: never taken from a state_dict.
+# (The schedule position is also stored in every group under _STATE_DICT_KEY: the state_dict
+# helpers of torch.distributed.checkpoint keep only "state" and "param_groups".)
+_STRUCTURE_KEYS = ("params", KIND, "lora_names", "lora_scalings", _STATE_DICT_KEY)
 
 
 def _check_real(name: str, value: Any, low: float = 0.0, high: Optional[float] = None, high_open: bool = True) -> float:
@@ -102,10 +108,31 @@ class AltLoRAOptimizerBase(Optimizer):
         self._pair_groups: Dict[int, List[PairGroup]] = {}
         self._step_index = 0
         self._skipped: Optional[torch.Tensor] = None
+        self._check_freeze_inactive_allowed()
+        if isinstance(params, nn.Module):
+            check_no_zero3_parameters(params.named_parameters())
         super().__init__(collect_param_groups(params, self._names), defaults)
+        if not self._pair_groups:
+            # E.g. transformers.Trainer's optimizer_cls_and_kwargs=(AltLoRA, {...}): plain groups.
+            raise ValueError(
+                "params: no LoRA pairs among the param groups, only plain parameters, so AltLoRA cannot tell "
+                "which tensors form (A, B) pairs. Pass the model, altlora.find_lora_pairs(model) or groups with "
+                "'pairs'; with transformers.Trainer use optimizer_cls_and_kwargs=altlora.trainer.altlora_optimizer(lr=...)."
+            )
         devices = {pg.device for groups in self._pair_groups.values() for pg in groups}
         self._backend = K.resolve_backend(backend, next(iter(devices)) if len(devices) == 1 else None)
         self._apply_freeze()
+
+    def _check_freeze_inactive_allowed(self) -> None:
+        # Measured (tests/test_ddp.py): with DDP built first, a frozen factor makes DDP fail with
+        # "Expected to have finished reduction"; with the optimizer built first, DDP's buckets
+        # miss the factor frozen at that time and the ranks silently drift apart.
+        if self.freeze_inactive and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                f"freeze_inactive=True cannot be used with {dist.get_world_size()} processes: "
+                f"DistributedDataParallel (and FSDP) expect the set of parameters with gradients to stay the "
+                f"same from step to step. Use freeze_inactive=False (the default)."
+            )
 
     # ------------------------------------------------------------------ hyper-parameters
     def _check_lora_hparams(self, group: Dict[str, Any], where: str) -> None:
@@ -171,6 +198,7 @@ class AltLoRAOptimizerBase(Optimizer):
                 raise ValueError(f"pairs[{i}] is a {type(pair).__name__}, expected altlora.LoRAPair")
             for factor, t in (("A", pair.A), ("B", pair.B)):
                 self._names.setdefault(id(t), pair.factor_name(factor))
+                check_no_zero3_parameters([(self._display(t), t)])
                 if not t.is_leaf:
                     raise ValueError(f"{self._display(t)} is not a leaf tensor; an optimizer can only step leaves")
                 if id(t) in known:
@@ -189,7 +217,12 @@ class AltLoRAOptimizerBase(Optimizer):
             **hp,
         }
         self._check_group(group, len(self.param_groups))
-        self._pair_groups[len(self.param_groups)] = group_pairs(pairs)
+        # DTensor factors (FSDP2) take the collective path of altlora.distributed.
+        if D.has_dtensor(pairs):
+            groups = D.group_sharded_pairs(pairs, snapshot_slots=self.schedule.switch_every > 1)
+        else:
+            groups = group_pairs(pairs)
+        self._pair_groups[len(self.param_groups)] = groups
         self.param_groups.append(group)
 
     def _add_adamw_group(self, params: List[torch.Tensor], hp: Dict[str, Any]) -> None:
@@ -199,6 +232,7 @@ class AltLoRAOptimizerBase(Optimizer):
             if not isinstance(p, torch.Tensor):
                 raise ValueError(f"param_groups[{index}]['params'][{j}] is a {type(p).__name__}, expected a tensor")
             self._names.setdefault(id(p), f"param_groups[{index}]['params'][{j}]")
+            check_no_zero3_parameters([(self._display(p), p)])
             if not p.is_leaf:
                 raise ValueError(f"{self._display(p)} is not a leaf tensor; an optimizer can only step leaves")
             if not p.is_floating_point():
@@ -210,6 +244,9 @@ class AltLoRAOptimizerBase(Optimizer):
         group["betas"] = tuple(group["betas"])
         self._check_group(group, index)
         self.param_groups.append(group)
+
+    def _factor_ids(self, index: int) -> List[int]:
+        return [id(t) for pg in self._pair_groups[index] for pair in pg.pairs for t in (pair.A, pair.B)]
 
     def pairs(self) -> List[LoRAPair]:
         """Every LoRA pair this optimizer trains, in param-group order."""
@@ -246,30 +283,42 @@ class AltLoRAOptimizerBase(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_freeze_inactive_allowed()
         for index, group in enumerate(self.param_groups):
             self._check_group(group, index)
+            if index in self._pair_groups:
+                # DeepSpeed ZeRO-1/2 (or accelerate's FSDP2 preparation) swap in other tensors.
+                check_lora_params_in_place(index, group["params"], self._factor_ids(index))
         phases = self.schedule.phases(self._step_index)
         lora_work, adamw_work = self._gather_gradients(set(phases))
         if lora_work is None:
             return loss
 
         consumed = [(p, g) for _, pg, grads in lora_work for f in grads for p, g in zip(pg.params[f], grads[f])]
-        consumed += [(p, p.grad) for _, ps in adamw_work for p in ps]
+        consumed += [(p, D.local_tensor(p.grad)) for _, ps in adamw_work for p in ps]
         found_inf = K.nonfinite_flag([g for _, g in consumed])
+        sharded = D.sharded_groups(lora_work)
+        if sharded:  # every rank must take the same branches below
+            found_inf, modified = D.agree(sharded, found_inf)
         if self.nonfinite == "raise":
             if found_inf is not None and bool(found_inf.item()):
-                bad = next(p for p, g in consumed if not bool(torch.isfinite(g).all()))
+                bad = next((p for p, g in consumed if not bool(torch.isfinite(g).all())), None)
+                where = "a shard held by another rank" if bad is None else self._display(bad)
                 raise FloatingPointError(
-                    f"non-finite gradient in {self._display(bad)}; nothing was updated. "
+                    f"non-finite gradient in {where}; nothing was updated. "
                     f"Pass nonfinite='skip' to skip such steps (e.g. with fp16 loss scaling)."
                 )
             found_inf = None
 
         for _, pg, _ in lora_work:
+            if isinstance(pg, D.ShardedPairGroup):
+                continue
             if pg.initialized:
                 pg.refresh_modified()
             else:
                 pg.initialize(self._adaptive, self.state)
+        if sharded:
+            D.refresh_and_initialize(sharded, modified, self._adaptive, self.state)
 
         joint_start = {}
         if self.schedule.kind == "joint":
@@ -305,8 +354,11 @@ class AltLoRAOptimizerBase(Optimizer):
                         snapshot=own.get(SNAPSHOT),
                     )
                 )
+            saved = D.before_phase(sharded, factor, found_inf) if sharded else None
             for index, groups in by_group.items():
                 K.phase_update(self._backend, groups, self._phase_hparams(self.param_groups[index]), found_inf)
+            if sharded:
+                D.after_phase(sharded, factor, found_inf, saved)
             if ends:
                 for _, pg, _ in lora_work:
                     pg.drop_snapshot(factor, self.state)
@@ -354,11 +406,12 @@ class AltLoRAOptimizerBase(Optimizer):
                         if g.is_sparse:
                             raise ValueError(f"{self._display(p)} has a sparse gradient; AltLoRA needs dense gradients")
                         any_grad = True
-                        views.append(g.reshape(m.shape))
+                        views.append(pg.grad_matrix(factor, i, g))
                     grads[factor] = views
                 lora_work.append((index, pg, grads))
         if not any_grad:
             return None, None
+        D.gather_rows(lora_work)  # FSDP2 factors sharded along r: full factors and gradients
         for views, i, m in missing:
             views[i] = torch.zeros(m.shape, dtype=m.dtype, device=m.device)
         return lora_work, adamw_work
@@ -371,11 +424,12 @@ class AltLoRAOptimizerBase(Optimizer):
                 st[EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st[EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
+        local = D.local_tensor  # FSDP2: element-wise, so each rank steps its own shard
         K.adamw_step(
-            params,
-            [p.grad for p in params],
-            [self.state[p][EXP_AVG] for p in params],
-            [self.state[p][EXP_AVG_SQ] for p in params],
+            [local(p) for p in params],
+            [local(p.grad) for p in params],
+            [local(self.state[p][EXP_AVG]) for p in params],
+            [local(self.state[p][EXP_AVG_SQ]) for p in params],
             [self.state[p]["step"] for p in params],
             lr=float(group["lr"]),
             beta1=float(beta1),
@@ -393,7 +447,20 @@ class AltLoRAOptimizerBase(Optimizer):
         cross-Grams, a mid-run snapshot, the phase counter and the skipped-step count.
         """
         sd = super().state_dict()
-        sd[_STATE_DICT_KEY] = {
+        sd[_STATE_DICT_KEY] = self._schedule_position()
+        for group in sd["param_groups"]:
+            group[_STATE_DICT_KEY] = self._schedule_position()
+        return sd
+
+    def _factor_in_run(self) -> Optional[str]:
+        """The factor whose run of several phases the next step continues (its snapshot is live)."""
+        s = self.schedule
+        if s.kind == "alternate" and s.switch_every > 1 and self._step_index % s.switch_every != 0:
+            return s.phases(self._step_index)[0]
+        return None
+
+    def _schedule_position(self) -> Dict[str, Any]:
+        return {
             "variant": self._variant,
             "schedule": self.schedule.kind,
             "order": self.schedule.order,
@@ -401,7 +468,6 @@ class AltLoRAOptimizerBase(Optimizer):
             "step_index": self._step_index,
             "skipped_steps": None if self._skipped is None else self._skipped.clone(),
         }
-        return sd
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore a state saved by ``state_dict()`` of the same optimizer class and model.
@@ -410,6 +476,9 @@ class AltLoRAOptimizerBase(Optimizer):
         or model: group count or sizes, kinds, scalings or state shapes that do not match.
         """
         extra = state_dict.get(_STATE_DICT_KEY)
+        if extra is None and state_dict.get("param_groups"):
+            # Through torch.distributed.checkpoint.state_dict, only the groups carry it.
+            extra = state_dict["param_groups"][0].get(_STATE_DICT_KEY)
         if not isinstance(extra, dict):
             raise ValueError("state_dict was not saved by an altlora optimizer (no 'altlora' entry)")
         if extra.get("variant") != self._variant:
@@ -466,7 +535,10 @@ class AltLoRAOptimizerBase(Optimizer):
         for index, groups in self._pair_groups.items():
             rebuilt[index] = []
             for pg in groups:
-                fresh = PairGroup(pg.pairs)
+                if isinstance(pg, D.ShardedPairGroup):
+                    fresh = D.ShardedPairGroup(pg.pairs, pg.snapshot_slots)
+                else:
+                    fresh = PairGroup(pg.pairs)
                 with_state = [bool(new_state.get(p)) for f in FACTORS for p in fresh.params[f]]
                 if all(with_state):
                     fresh.load(new_state, self._adaptive, self._names)
@@ -485,6 +557,11 @@ class AltLoRAOptimizerBase(Optimizer):
                     pg.bind(self.state)
         self._pair_groups = rebuilt
         self._step_index = int(extra["step_index"])
+        live = self._factor_in_run()
+        for groups in self._pair_groups.values():
+            for pg in groups:
+                if isinstance(pg, D.ShardedPairGroup) and pg.initialized:
+                    pg.activate_snapshot(live, self.state)
         skipped = extra.get("skipped_steps")
         self._skipped = None if skipped is None else torch.as_tensor(skipped).clone()
         self._apply_freeze()

@@ -50,7 +50,7 @@ class PairGroup:
 
     def __init__(self, pairs: Sequence[LoRAPair]):
         self.pairs: List[LoRAPair] = list(pairs)
-        mats = [p.matrices() for p in self.pairs]
+        mats = [self._matrices_of(p) for p in self.pairs]
         self.matrices: Dict[str, List[torch.Tensor]] = {"A": [m[0] for m in mats], "B": [m[1] for m in mats]}
         self.params: Dict[str, List[torch.Tensor]] = {"A": [p.A for p in self.pairs], "B": [p.B for p in self.pairs]}
         self.rank = self.pairs[0].rank
@@ -64,6 +64,22 @@ class PairGroup:
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    # Hooks for sharded parameters (altlora.distributed overrides them): the matrices a phase
+    # works on, the per-parameter view of a state buffer, and a saved state value as a buffer row.
+    def _matrices_of(self, pair: LoRAPair):
+        return pair.matrices()
+
+    def _expose(self, factor: str, i: int, key: str, row: torch.Tensor) -> torch.Tensor:
+        p = self.params[factor][i]
+        return row.view(p.shape) if key in _PARAM_SHAPED else row
+
+    def _from_saved(self, factor: str, i: int, key: str, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def grad_matrix(self, factor: str, i: int, grad: torch.Tensor) -> torch.Tensor:
+        """The gradient of ``params[factor][i]`` shaped like the matrix a phase works on."""
+        return grad.reshape(self.matrices[factor][i].shape)
 
     @property
     def initialized(self) -> bool:
@@ -97,7 +113,7 @@ class PairGroup:
                 entry = state[p]
                 entry.clear()
                 for key, buf in self.buffers[factor].items():
-                    entry[key] = buf[i].view(p.shape) if key in _PARAM_SHAPED else buf[i]
+                    entry[key] = self._expose(factor, i, key, buf[i])
 
     def load(self, state, adaptive: bool, names: Dict[int, str]) -> None:
         """Rebuild the buffers from per-parameter state (after ``load_state_dict``)."""
@@ -111,7 +127,7 @@ class PairGroup:
             buf = {}
             for key in keys:
                 rows = []
-                for p, m in zip(params, mats):
+                for i, (p, m) in enumerate(zip(params, mats)):
                     name = names.get(id(p), "a LoRA factor")
                     if key not in state[p]:
                         raise ValueError(f"state_dict has no '{key}' for {name}: it was saved by another optimizer or model")
@@ -127,7 +143,7 @@ class PairGroup:
                             f"state_dict does not match the model: '{key}' of {name} has shape "
                             f"{tuple(t.shape)}, expected {want}"
                         )
-                    t = t.to(device=self.device, dtype=dtype)
+                    t = self._from_saved(factor, i, key, t).to(device=self.device, dtype=dtype)
                     rows.append(t.reshape(m.shape) if key in _PARAM_SHAPED else t)
                 buf[key] = torch.stack(rows)
             self.buffers[factor] = buf

@@ -92,9 +92,9 @@ def _sgd(model, lr, head_lr=None, **_):
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
     "altlora": OptimizerSpec("AltLoRA (head: AdamW)", 3e-2, _altlora),
     "altloraplus": OptimizerSpec("AltLoRA+ (head: AdamW)", 1e-3, _altloraplus),
-    "adamw": OptimizerSpec("LoRA with AdamW", 3e-4, _adamw),
+    "adamw": OptimizerSpec("LoRA with AdamW", 1e-3, _adamw),
     "loraplus": OptimizerSpec(f"LoRA+ (AdamW, B's lr ×{LORAPLUS_RATIO:g})", 1e-4, _loraplus),
-    "sgd": OptimizerSpec("plain LoRA gradient descent (head: AdamW)", 1e-1, _sgd),
+    "sgd": OptimizerSpec("plain LoRA gradient descent (head: AdamW)", 3e-1, _sgd),
 }
 DEFAULT_OPTIMIZERS = ("altlora", "altloraplus", "adamw", "loraplus")
 
