@@ -90,7 +90,7 @@ def _sgd(model, lr, head_lr=None, **_):
 
 
 OPTIMIZERS: Dict[str, OptimizerSpec] = {
-    "altlora": OptimizerSpec("AltLoRA (head: AdamW)", 3e-2, _altlora),
+    "altlora": OptimizerSpec("AltLoRA (head: AdamW)", 1e-1, _altlora),
     "altloraplus": OptimizerSpec("AltLoRA+ (head: AdamW)", 1e-3, _altloraplus),
     "adamw": OptimizerSpec("LoRA with AdamW", 1e-3, _adamw),
     "loraplus": OptimizerSpec(f"LoRA+ (AdamW, B's lr ×{LORAPLUS_RATIO:g})", 1e-4, _loraplus),
