@@ -92,6 +92,8 @@ def test_ablation_smoke(tmp_path, capsys):
     (["finetune", "--lr", "nadam=0.1"], "unknown optimizer 'nadam'"),
     (["finetune", "--optimizers", "adamw", "--lr", "altlora=0.1"], "not in --optimizers"),
     (["experiment", "ablation", "--lr", "adamw=0.1"], "altlora and altloraplus only"),
+    (["experiment", "ablation", "--variants", "altlora,adamw"], "--variants: choose from altlora, altloraplus"),
+    (["experiment", "ablation", "--variants", "altlora", "--lr", "altloraplus=0.1"], "not in --variants"),
 ])
 def test_bad_values_give_one_line_and_exit_2(argv, message, capsys):
     assert main(argv) == 2

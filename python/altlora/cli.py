@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "AltLoRA and AltLoRA+, several seeds.")
     _add_common(ab, DEFAULT_STEPS)
     ab.add_argument("--lr", action="append", metavar="NAME=VALUE", help="altlora / altloraplus learning rates")
+    ab.add_argument("--variants", default="altlora,altloraplus",
+                    help="comma-separated, from: altlora, altloraplus (default both)")
     ab.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="comma-separated seeds (default 0,1,2)")
     ab.add_argument("--output", default="runs/ablation", help="directory for results (default runs/ablation)")
     return parser

@@ -106,15 +106,25 @@ def finetune(args, lrs: Dict[str, float]) -> int:
     return _finish(results, args, f"altlora finetune: {args.steps} steps, seeds {args.seeds}")
 
 
+ABLATION_VARIANTS = ("altlora", "altloraplus")
+
+
 def ablation(args, lrs: Dict[str, float]) -> int:
-    other = [n for n in lrs if n not in ("altlora", "altloraplus")]
+    other = [n for n in lrs if n not in ABLATION_VARIANTS]
     if other:
         raise CLIError(f"--lr: the ablation runs altlora and altloraplus only, not {', '.join(other)}")
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in ABLATION_VARIANTS]
+    if unknown or not variants:
+        raise CLIError(f"--variants: choose from altlora, altloraplus (got {args.variants!r})")
+    skipped = [n for n in lrs if n not in variants]
+    if skipped:
+        raise CLIError(f"--lr given for {', '.join(skipped)}, which is not in --variants {args.variants}")
     configs = [
         RunConfig(optimizer=name, lr=lrs.get(name, OPTIMIZERS[name].default_lr), seed=seed, steps=args.steps,
                   rank=args.rank, alpha=args.alpha, batch_size=args.batch_size, eval_every=args.eval_every,
                   schedule=schedule, order=order)
-        for name in ("altlora", "altloraplus") for schedule, order in ABLATION_SETTINGS for seed in args.seeds
+        for name in variants for schedule, order in ABLATION_SETTINGS for seed in args.seeds
     ]
     results = _run_all(configs, args)
     return _finish(results, args, f"altlora experiment ablation: schedule × order, {args.steps} steps, seeds {args.seeds}")
