@@ -106,6 +106,9 @@ class AltLoRAOptimizerBase(Optimizer):
         self.freeze_inactive = freeze_inactive
         self._names: Dict[int, str] = {}
         self._pair_groups: Dict[int, List[PairGroup]] = {}
+        # id()s of each LoRA group's factors, fixed at construction: step() checks that the group
+        # still holds them (engines such as DeepSpeed ZeRO swap parameters under the optimizer).
+        self._factor_ids: Dict[int, List[int]] = {}
         self._step_index = 0
         self._skipped: Optional[torch.Tensor] = None
         self._check_freeze_inactive_allowed()
@@ -223,6 +226,7 @@ class AltLoRAOptimizerBase(Optimizer):
         else:
             groups = group_pairs(pairs)
         self._pair_groups[len(self.param_groups)] = groups
+        self._factor_ids[len(self.param_groups)] = [id(t) for t in group["params"]]
         self.param_groups.append(group)
 
     def _add_adamw_group(self, params: List[torch.Tensor], hp: Dict[str, Any]) -> None:
@@ -244,9 +248,6 @@ class AltLoRAOptimizerBase(Optimizer):
         group["betas"] = tuple(group["betas"])
         self._check_group(group, index)
         self.param_groups.append(group)
-
-    def _factor_ids(self, index: int) -> List[int]:
-        return [id(t) for pg in self._pair_groups[index] for pair in pg.pairs for t in (pair.A, pair.B)]
 
     def pairs(self) -> List[LoRAPair]:
         """Every LoRA pair this optimizer trains, in param-group order."""
@@ -288,7 +289,7 @@ class AltLoRAOptimizerBase(Optimizer):
             self._check_group(group, index)
             if index in self._pair_groups:
                 # DeepSpeed ZeRO-1/2 (or accelerate's FSDP2 preparation) swap in other tensors.
-                check_lora_params_in_place(index, group["params"], self._factor_ids(index))
+                check_lora_params_in_place(index, group["params"], self._factor_ids[index])
         phases = self.schedule.phases(self._step_index)
         lora_work, adamw_work = self._gather_gradients(set(phases))
         if lora_work is None:
