@@ -74,15 +74,41 @@ def _lr_overrides(items: Optional[Sequence[str]]):
     return out
 
 
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text}")
+    return value
+
+
 def _add_common(p: argparse.ArgumentParser, steps: int) -> None:
-    p.add_argument("--steps", type=_positive_int, default=steps, help=f"training steps per run (default {steps})")
+    from .finetune.data import BATCHING
+    from .finetune.lr_schedule import LR_SCHEDULES
+
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, default=steps, help=f"training steps per run (default {steps})")
+    length.add_argument("--epochs", type=_positive_float, default=None,
+                        help="train for this many passes over the training split instead of --steps (may be fractional)")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default="constant",
+                   help="learning-rate schedule, the same for every optimizer (default constant; the AltLoRA paper: cosine)")
+    p.add_argument("--warmup-ratio", type=_ratio, default=0.0,
+                   help="fraction of the steps with a linear lr warm-up (default 0; the paper: 0.03)")
+    p.add_argument("--eval-split", choices=("validation", "dev"), default="validation",
+                   help="held-out split to evaluate on: 'dev' to choose settings, 'validation' to report them (default validation)")
+    p.add_argument("--batching", choices=BATCHING, default="random",
+                   help="'by-length' groups snippets of similar length into each (random) batch: about half the padded "
+                        "tokens; 'random' pads each random batch to its longest row (default random)")
+    p.add_argument("--damping", type=_positive_float, default=None, help="AltLoRA/AltLoRA+ damping λ (default: the optimizer's)")
     p.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank r (default 8)")
     p.add_argument("--alpha", type=_positive_float, default=16.0, help="LoRA alpha (default 16)")
     p.add_argument("--batch-size", type=_positive_int, default=32, help="training batch size (default 32)")
     p.add_argument("--max-length", type=_positive_int, default=64, help="tokens per snippet (default 64)")
-    p.add_argument("--eval-every", type=_positive_int, default=50, help="steps between validation passes (default 50)")
+    p.add_argument("--eval-every", type=_positive_int, default=50, help="steps between evaluations (default 50)")
     p.add_argument("--train-limit", type=_positive_int, default=None, help="use only the first N training snippets")
-    p.add_argument("--val-limit", type=_positive_int, default=None, help="use only the first N validation snippets")
+    p.add_argument("--val-limit", type=_positive_int, default=None, help="use only the first N snippets of the evaluated split")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

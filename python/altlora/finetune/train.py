@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import lr_schedule
 from .data import TokenizedSet, batches, eval_batches
 from .model import build_lora_model
 from .optimizers import build_optimizer, state_bytes
@@ -30,6 +31,10 @@ class RunConfig:
     order: str = "BA"
     damping: Optional[float] = None  # AltLoRA / AltLoRA+ only; None = the optimizer's default
     head_lr: Optional[float] = None  # AdamW lr of the head for altlora/altloraplus/sgd; None = HEAD_LR
+    lr_schedule: str = "constant"  # see lr_schedule.py
+    warmup_ratio: float = 0.0
+    batching: str = "random"  # see data.BATCHING
+    eval_split: str = "validation"  # which held-out split ``evals`` were measured on (a label)
 
 
 @dataclass
@@ -76,10 +81,14 @@ def train_run(cfg: RunConfig, train: TokenizedSet, val: TokenizedSet, progress=N
     model = build_lora_model(cfg.rank, cfg.alpha, cfg.seed)
     model.train()
     opt = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.schedule, cfg.order, cfg.damping, cfg.head_lr)
+    schedulers = lr_schedule.attach(opt, cfg.steps, cfg.warmup_ratio, cfg.lr_schedule)
     result = RunResult(cfg)
+    if progress is not None:
+        progress.set_postfix_str(f"evaluating on {len(val)} {cfg.eval_split} snippets before step 1")
     result.evals.append((0, evaluate(model, val)))
     train_time = 0.0
-    for step, (input_ids, mask, labels) in enumerate(batches(train, cfg.batch_size, cfg.steps, cfg.seed), start=1):
+    data = batches(train, cfg.batch_size, cfg.steps, cfg.seed, cfg.batching)
+    for step, (input_ids, mask, labels) in enumerate(data, start=1):
         start = time.perf_counter()
         loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
@@ -93,11 +102,15 @@ def train_run(cfg: RunConfig, train: TokenizedSet, val: TokenizedSet, progress=N
         except FloatingPointError as err:
             result.diverged_at, result.error = step, str(err).split(";")[0]
             break
+        for scheduler in schedulers:
+            scheduler.step()
         train_time += time.perf_counter() - start
         result.losses.append(value)
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{value:.3f}", acc=f"{result.evals[-1][1]:.3f}", refresh=False)
+            # the accuracy shown is that of the last evaluation, at the step it names
+            last_step, last_acc = result.evals[-1]
+            progress.set_postfix_str(f"loss={value:.3f} {cfg.eval_split} acc@{last_step}={last_acc:.3f}", refresh=False)
         if step % cfg.eval_every == 0 or step == cfg.steps:
             result.evals.append((step, evaluate(model, val)))
     result.seconds_per_step = train_time / max(len(result.losses), 1)
