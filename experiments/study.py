@@ -1,6 +1,6 @@
 """The quality study: does AltLoRA / AltLoRA+ fine-tune better than AdamW under the paper's protocol?
 
-Protocol (every optimizer alike): one epoch over the training split (10,8xx snippets, 338 steps at
+Protocol (every optimizer alike): one epoch over the training split (10,788 snippets, 338 steps at
 batch 32), cosine lr with 3% linear warm-up, LoRA r 8 / α 16 on query/key/value/dense of MiniLM,
 head trained by AdamW, length-grouped random batches (``--batching by-length``), 1 torch thread.
 

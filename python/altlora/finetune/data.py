@@ -12,7 +12,7 @@ fixed seed and taken into the held-out side until it holds ``val_size`` snippets
   was chosen elsewhere;
 * **dev** (about 1,000 snippets, seed ``DEV_SEED``, carved out of what remains): used to *choose*
   learning rates and any other setting;
-* **train**: the rest (10,8xx snippets), used for training in every run, whichever split is evaluated.
+* **train**: the rest (10,788 snippets), used for training in every run, whichever split is evaluated.
 """
 
 from __future__ import annotations
