@@ -40,8 +40,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .coordinator import Coordinator
 from .pairs import LoRAPair, find_lora_pairs
-from .state import CROSS_GRAM, FACTORS, GRAM, MOMENTUM, SNAPSHOT, VARIANCE, PairGroup
+from .schedule import Schedule
+from .state import CROSS_GRAM, FACTORS, GRAM, PARAM_SHAPED, SNAPSHOT, PairGroup, group_pairs, refresh_grams
 
 try:
     import torch.distributed as dist
@@ -56,13 +58,8 @@ __all__ = [
     "local_tensor",
     "has_dtensor",
     "ShardedPairGroup",
+    "FSDP2Coordinator",
     "group_sharded_pairs",
-    "sharded_groups",
-    "gather_rows",
-    "agree",
-    "refresh_and_initialize",
-    "before_phase",
-    "after_phase",
     "COLUMNS",
     "ROWS",
     "FULL",
@@ -72,8 +69,6 @@ COLUMNS = "columns"
 ROWS = "rows"
 FULL = "full"
 
-# State entries shaped like the parameter (the others are r×r matrices and counters).
-_PARAM_SHAPED = (MOMENTUM, VARIANCE, SNAPSHOT)
 # Where r lies in a factor's 2-D matrix: A is (r, n), B is (k, r).
 _RANK_DIM = {"A": 0, "B": 1}
 
@@ -226,6 +221,7 @@ class ShardedPairGroup(PairGroup):
         }
         self._index = {id(p): i for i, p in enumerate(pairs)}
         super().__init__(pairs)
+        self.rebuild_allowed = False  # ranks would have to agree on it mid-run: build the optimizer after casting
         # All factors of one kind in a group share a layout (the grouping key includes it).
         self.kind = {f: self.layouts[f][0].kind for f in FACTORS}
 
@@ -242,10 +238,10 @@ class ShardedPairGroup(PairGroup):
         return tuple(out)
 
     # -- snapshots in fixed slots (see the class docstring)
-    def initialize(self, adaptive: bool, state) -> None:
+    def initialize(self, state_keys, state) -> None:
         if self.snapshot_slots:
             self._slots = {f: torch.zeros_like(torch.stack(self.matrices[f])) for f in FACTORS}
-        super().initialize(adaptive, state)
+        super().initialize(state_keys, state)
 
     def bind(self, state) -> None:
         super().bind(state)
@@ -266,8 +262,8 @@ class ShardedPairGroup(PairGroup):
             return super().drop_snapshot(factor, state)
         self.buffers[factor].pop(SNAPSHOT, None)  # the slot stays in the state, unused
 
-    def load(self, state, adaptive: bool, names: Dict[int, str]) -> None:
-        super().load(state, adaptive, names)
+    def load(self, state, state_keys, names: Dict[int, str]) -> None:
+        super().load(state, state_keys, names)
         if self.snapshot_slots:
             self._slots = {}
             for f in FACTORS:
@@ -292,7 +288,7 @@ class ShardedPairGroup(PairGroup):
 
     def _expose(self, factor: str, i: int, key: str, row: torch.Tensor) -> torch.Tensor:
         p = self.params[factor][i]
-        if key not in _PARAM_SHAPED or not is_dtensor(p):
+        if key not in PARAM_SHAPED or not is_dtensor(p):
             return super()._expose(factor, i, key, row)
         if self.kind[factor] == ROWS:
             placements = [Replicate()] * p.device_mesh.ndim
@@ -304,7 +300,7 @@ class ShardedPairGroup(PairGroup):
 
     def _from_saved(self, factor: str, i: int, key: str, value: torch.Tensor) -> torch.Tensor:
         p = self.params[factor][i]
-        if key not in _PARAM_SHAPED or self.kind[factor] != COLUMNS:
+        if key not in PARAM_SHAPED or self.kind[factor] != COLUMNS:
             return value.full_tensor() if is_dtensor(value) else value
         if is_dtensor(value):
             if value.device_mesh != p.device_mesh or tuple(value.placements) != tuple(p.placements):
@@ -315,10 +311,7 @@ class ShardedPairGroup(PairGroup):
         except TypeError:  # torch without src_data_rank
             return distribute_tensor(value.to(p.device), p.device_mesh, p.placements).to_local()
 
-    # -- "modified outside the optimizer", decided together with the other ranks
-    def record_seen(self) -> None:
-        self._seen = {f: [self._tracked(p) for p in self.params[f]] for f in FACTORS}
-
+    # -- "modified outside the optimizer", decided together with the other ranks (FSDP2Coordinator.agree)
     @staticmethod
     def _tracked(p: torch.Tensor):
         # An in-place op on the DTensor bumps the DTensor's version only (the op on its local
@@ -326,14 +319,10 @@ class ShardedPairGroup(PairGroup):
         local = local_tensor(p)
         return p._version, local._version, local.data_ptr()
 
-    def modified_flags(self) -> List[bool]:
-        """Per (factor, layer), in FACTORS × pair order: did this rank's part change since our last write?"""
-        if self._seen is None:
-            return [False] * (2 * len(self))
-        return [self._tracked(p) != self._seen[f][i] for f in FACTORS for i, p in enumerate(self.params[f])]
-
-    def refresh_modified(self) -> None:  # pragma: no cover - replaced by refresh_and_initialize
-        raise RuntimeError("ShardedPairGroup state is refreshed by altlora.distributed.refresh_and_initialize")
+    def current_identity(self):
+        # FSDP swaps a shard's local tensor by itself (lazy init, load_state_dict): refresh_views
+        # follows that. A new dtype or device of the DTensor is what cannot be followed here.
+        return [(p.dtype, p.device) for f in FACTORS for p in self.params[f]]
 
 
 def group_sharded_pairs(pairs: Sequence[LoRAPair], snapshot_slots: bool = False) -> List[ShardedPairGroup]:
@@ -353,7 +342,7 @@ def group_sharded_pairs(pairs: Sequence[LoRAPair], snapshot_slots: bool = False)
     return [ShardedPairGroup(group, snapshot_slots) for group in buckets.values()]
 
 
-def sharded_groups(lora_work) -> List[Tuple[ShardedPairGroup, dict]]:
+def _sharded(lora_work) -> List[Tuple[ShardedPairGroup, dict]]:
     """The (group, gradients) of a step's work list that need the collective path, in order."""
     return [(pg, grads) for _, pg, grads in lora_work if isinstance(pg, ShardedPairGroup)]
 
@@ -381,14 +370,14 @@ def _all_reduce_sum(items) -> None:
             offset += t.numel()
 
 
-def gather_rows(lora_work) -> None:
+def _gather_rows(lora_work) -> None:
     """All-gather the ``rows`` factors (every step) and their gradients (on their phase).
 
     Sets ``pg.matrices`` to the full factors and replaces the local gradient rows in the work list
     by full gradients. Missing gradients (None) stay None: they are missing on every rank.
     """
     items = []
-    for pg, grads in sharded_groups(lora_work):
+    for pg, grads in _sharded(lora_work):
         pg.refresh_views()
         for f in FACTORS:
             if pg.kind[f] != ROWS:
@@ -445,7 +434,7 @@ def _agreement_groups(groups) -> List[FactorLayout]:
     return list(layouts.values())
 
 
-def agree(groups, found_inf: Optional[torch.Tensor]):
+def _agree(groups, found_inf: Optional[torch.Tensor]):
     """One all-reduce (MAX) of the non-finite flag and every factor's "modified" flag.
 
     Returns ``(found_inf, modified)``: the flag every rank now shares (a 0-dim float32 tensor)
@@ -466,40 +455,29 @@ def agree(groups, found_inf: Optional[torch.Tensor]):
     return flags[0], modified
 
 
-def refresh_and_initialize(groups, modified, adaptive: bool, state) -> None:
-    """Fresh state for new groups; Grams of factors changed outside the optimizer recomputed.
-
-    Mirrors ``PairGroup.initialize`` / ``refresh_modified``, with the partial Grams of ``columns``
-    factors reduced in one collective per process group.
-    """
-    to_reduce, refreshed = [], []
+def _initialize_and_refresh(groups, modified, state_keys, state) -> None:
+    """Fresh state for new groups; Grams of factors changed outside the optimizer recomputed
+    (:func:`altlora.state.refresh_grams`), the partial Grams of ``columns`` factors reduced in one
+    collective per process group."""
+    to_reduce, changed = [], []
     for (pg, _), flags in zip(groups, modified):
-        if not pg.initialized:
-            pg.initialize(adaptive, state)
-            for f in FACTORS:
-                if pg.kind[f] == COLUMNS:
-                    for i, layout in enumerate(pg.layouts[f]):
-                        to_reduce += [(layout, pg.buffers[f][GRAM][i]), (layout, pg.buffers[f][CROSS_GRAM][i])]
+        if pg.initialized:
+            changed.append((pg, flags))
             continue
-        for position, changed in enumerate(flags):
-            if not changed:
-                continue
-            f, i = FACTORS[position // len(pg)], position % len(pg)
-            rows = pg.matrices[f][i].float()
-            rows = rows.mT if f == "B" else rows
-            gram = rows @ rows.mT
-            refreshed.append((pg, f, i, gram))
+        pg.initialize(state_keys, state)
+        for f in FACTORS:
             if pg.kind[f] == COLUMNS:
-                to_reduce.append((pg.layouts[f][i], gram))
+                for i, layout in enumerate(pg.layouts[f]):
+                    to_reduce += [(layout, pg.buffers[f][GRAM][i]), (layout, pg.buffers[f][CROSS_GRAM][i])]
     _all_reduce_sum(to_reduce)
-    for pg, f, i, gram in refreshed:
-        buf = pg.buffers[f]
-        if not torch.equal(gram, buf[GRAM][i]):
-            buf[GRAM][i].copy_(gram)
-            buf[CROSS_GRAM][i].copy_(gram)
+
+    def reduce(refreshed) -> None:
+        _all_reduce_sum([(pg.layouts[f][i], gram) for pg, f, i, gram in refreshed if pg.kind[f] == COLUMNS])
+
+    refresh_grams(changed, reduce)
 
 
-def before_phase(groups, factor: str, found_inf: Optional[torch.Tensor]):
+def _before_phase(groups, factor: str, found_inf: Optional[torch.Tensor]):
     """With a device-side skip flag, keep the reduced Grams: a skipped phase leaves them in place,
     and summing them over ranks again would multiply them by the world size."""
     if found_inf is None:
@@ -508,7 +486,7 @@ def before_phase(groups, factor: str, found_inf: Optional[torch.Tensor]):
             if pg.kind[factor] == COLUMNS else None for pg, _ in groups]
 
 
-def after_phase(groups, factor: str, found_inf: Optional[torch.Tensor], saved) -> None:
+def _after_phase(groups, factor: str, found_inf: Optional[torch.Tensor], saved) -> None:
     """Reduce the Grams the phase wrote from local columns; write gathered factors back to their shards."""
     items = []
     for pg, _ in groups:
@@ -535,3 +513,45 @@ def after_phase(groups, factor: str, found_inf: Optional[torch.Tensor], saved) -
             local = _matrix(local_tensor(p), factor)
             if sizes[me]:
                 local.copy_(full.narrow(rank_dim, sum(sizes[:me]), sizes[me]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The coordinator
+
+
+class FSDP2Coordinator(Coordinator):
+    """The step's seam (:mod:`altlora.coordinator`) for FSDP2: groups with DTensor factors take the
+    collective path of this module; groups of plain tensors behave as with the local coordinator."""
+
+    def make_groups(self, pairs: Sequence[LoRAPair], schedule: Schedule) -> List[PairGroup]:
+        if has_dtensor(pairs):
+            return group_sharded_pairs(pairs, snapshot_slots=schedule.has_runs)
+        return group_pairs(pairs)
+
+    def local(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return local_tensor(t)  # AdamW is element-wise: each rank steps its own shard
+
+    def gather(self, work) -> None:
+        _gather_rows(work)
+
+    def agree(self, work, found_inf):
+        sharded = _sharded(work)
+        if not sharded:
+            return super().agree(work, found_inf)
+        found_inf, agreed = _agree(sharded, found_inf)
+        agreed = iter(agreed)
+        return found_inf, [next(agreed) if isinstance(pg, ShardedPairGroup) else pg.modified_flags() for _, pg, _ in work]
+
+    def refresh(self, work, modified, state_keys, state) -> None:
+        plain = [(item, flags) for item, flags in zip(work, modified) if not isinstance(item[1], ShardedPairGroup)]
+        super().refresh([item for item, _ in plain], [flags for _, flags in plain], state_keys, state)
+        sharded = [(item, flags) for item, flags in zip(work, modified) if isinstance(item[1], ShardedPairGroup)]
+        if sharded:
+            _initialize_and_refresh([(pg, grads) for (_, pg, grads), _ in sharded], [f for _, f in sharded], state_keys, state)
+
+    def phase(self, work, factor, found_inf, run) -> None:
+        sharded = _sharded(work)
+        saved = _before_phase(sharded, factor, found_inf) if sharded else None
+        run()
+        if sharded:
+            _after_phase(sharded, factor, found_inf, saved)

@@ -1,24 +1,36 @@
-"""The public optimizers: :class:`AltLoRA` and :class:`AltLoRAPlus`."""
+"""The public optimizers: :class:`AltLoRA` and :class:`AltLoRAPlus` (declared in ``variants.py``)."""
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import Tuple
 
-import altlora_kernels as K
-
-from .base import AltLoRAOptimizerBase, _check_betas, _check_real
+from .base import AltLoRAOptimizerBase
+from .options import DEFAULT_OTHER_LR
+from .variants import ALTLORA, ALTLORA_PLUS
 
 __all__ = ["AltLoRA", "AltLoRAPlus", "DEFAULT_DAMPING", "DEFAULT_OTHER_LR"]
 
 # λ of (G + λI). Small enough to leave a well-conditioned Gram's inverse unchanged to fp32
 # precision, large enough to tame a nearly rank-deficient one; a singular Gram escalates it anyway
-# (altlora_kernels/cholesky.py). DESIGN.md §5 measured 1e-6 on the packaged MiniLM task.
+# (altlora_kernels/cholesky.py). 1e-6 was measured on the packaged MiniLM task (README, "Defaults").
 DEFAULT_DAMPING = 1e-6
 
-# AdamW learning rate of the non-LoRA trainable parameters (classifier heads, biases, DoRA
-# magnitudes). AdamW normalizes per element, so its good lr does not follow AltLoRA's;
-# 1e-3 is the head lr measured with AltLoRA+ on the packaged MiniLM task (DESIGN.md §5).
-DEFAULT_OTHER_LR = 1e-3
+_OPTIONS_DOC = """
+    Options (keyword-only, shared by every variant; ``altlora/options.py``):
+        schedule: ``"alternate"`` (one phase per step), ``"sequential"`` (both, one after the
+            other) or ``"joint"`` (both from the same start values). Default ``"alternate"``.
+        order: ``"BA"`` (B first, default) or ``"AB"``.
+        switch_every: steps between factor switches for ``"alternate"`` (default 1).
+        backend: ``"auto"`` (default: per group of layers, the fastest backend that runs their
+            dtype and device), ``"torch"``, ``"triton"`` or ``"native"``.
+        nonfinite: ``"raise"`` (default): a NaN/Inf in any gradient the step was given (both
+            factors, the other parameters) raises ``FloatingPointError`` before anything changes;
+            ``"skip"``: the whole step is skipped on the device and counted in ``skipped_steps``.
+        other_lr, other_betas, other_eps: AdamW settings of the non-LoRA parameters
+            (default lr 1e-3; betas and eps: see the variant).
+        freeze_inactive: set ``requires_grad=False`` on the factor the next step will not update,
+            so that backward skips its weight gradient (``"alternate"`` only; default False).
+"""
 
 
 class AltLoRA(AltLoRAOptimizerBase):
@@ -37,6 +49,7 @@ class AltLoRA(AltLoRAOptimizerBase):
     ``M̃ = P·(Bᵀ B_prev)·M_A``, ``A ← A − η·(M_A + γ·A)``. ``A_prev`` is A's value at the last
     B phase (and vice versa); only r×r products of it are kept, never a copy. With λ = γ = 0
     the product ``B·A`` does not depend on how it is factored (transformation invariance).
+    Math and state are in ``promote_types(param.dtype, float32)``.
 
     Args:
         params: an ``nn.Module`` (its trainable LoRA pairs and, for AdamW, every other trainable
@@ -46,69 +59,16 @@ class AltLoRA(AltLoRAOptimizerBase):
         momentum: β1 (default 0.9).
         weight_decay: γ, for the LoRA factors and the AdamW group (default 0).
         damping: λ ≥ 0 (default 1e-6), escalated where ``G + λI`` does not factorize.
-        schedule: ``"alternate"`` (one phase per step), ``"sequential"`` (both, one after the
-            other) or ``"joint"`` (both from the same start values). Default ``"alternate"``.
-        order: ``"BA"`` (B first, default) or ``"AB"``.
-        switch_every: steps between factor switches for ``"alternate"`` (default 1).
-        backend: ``"auto"`` (default), ``"torch"`` or ``"triton"``.
-        nonfinite: ``"raise"`` (default): a NaN/Inf gradient raises ``FloatingPointError`` before
-            anything changes; ``"skip"``: the step is skipped on the device and counted in
-            ``skipped_steps``.
-        other_lr, other_betas, other_eps: AdamW settings of the non-LoRA parameters
-            (defaults 1e-3, (0.9, 0.999), 1e-8).
-        freeze_inactive: set ``requires_grad=False`` on the factor the next step will not update,
-            so that backward skips its weight gradient (``"alternate"`` only; default False).
+    """ + _OPTIONS_DOC + """
+        The AdamW group's betas and eps default to (0.9, 0.999) and 1e-8.
     """
 
-    _variant = "AltLoRA"
-    _adaptive = False
+    variant = ALTLORA
 
-    def __init__(
-        self,
-        params,
-        lr: float,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        damping: float = DEFAULT_DAMPING,
-        *,
-        schedule: str = "alternate",
-        order: str = "BA",
-        switch_every: int = 1,
-        backend: str = "auto",
-        nonfinite: str = "raise",
-        other_lr: float = DEFAULT_OTHER_LR,
-        other_betas: Tuple[float, float] = (0.9, 0.999),
-        other_eps: float = 1e-8,
-        freeze_inactive: bool = False,
-    ):
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
-        super().__init__(
-            params,
-            defaults,
-            other_lr=other_lr,
-            other_betas=other_betas,
-            other_eps=other_eps,
-            schedule=schedule,
-            order=order,
-            switch_every=switch_every,
-            backend=backend,
-            nonfinite=nonfinite,
-            freeze_inactive=freeze_inactive,
-        )
-
-    def _check_lora_hparams(self, group: Dict[str, Any], where: str) -> None:
-        _check_real("lr" + where, group["lr"])
-        _check_real("momentum" + where, group["momentum"], 0.0, 1.0)
-        _check_real("weight_decay" + where, group["weight_decay"])
-        _check_real("damping" + where, group["damping"])
-
-    def _phase_hparams(self, group: Dict[str, Any]) -> K.PhaseHyperParams:
-        return K.PhaseHyperParams(
-            lr=float(group["lr"]),
-            beta1=float(group["momentum"]),
-            weight_decay=float(group["weight_decay"]),
-            damping=float(group["damping"]),
-        )
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0,
+                 damping: float = DEFAULT_DAMPING, **options):
+        hparams = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, damping=damping)
+        super().__init__(params, hparams, options)
 
 
 class AltLoRAPlus(AltLoRAOptimizerBase):
@@ -128,64 +88,14 @@ class AltLoRAPlus(AltLoRAOptimizerBase):
         lr: η (required).
         betas: (β1, β2) (default (0.9, 0.999)).
         eps: ε (default 1e-8).
-        weight_decay, damping, schedule, order, switch_every, backend, nonfinite, other_lr,
-        freeze_inactive: as for :class:`AltLoRA`. ``other_betas`` / ``other_eps`` default to
-        ``betas`` / ``eps``.
+        weight_decay, damping: as for :class:`AltLoRA`.
+    """ + _OPTIONS_DOC + """
+        The AdamW group's betas and eps default to ``betas`` and ``eps``.
     """
 
-    _variant = "AltLoRAPlus"
-    _adaptive = True
+    variant = ALTLORA_PLUS
 
-    def __init__(
-        self,
-        params,
-        lr: float,
-        betas: Tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        damping: float = DEFAULT_DAMPING,
-        *,
-        schedule: str = "alternate",
-        order: str = "BA",
-        switch_every: int = 1,
-        backend: str = "auto",
-        nonfinite: str = "raise",
-        other_lr: float = DEFAULT_OTHER_LR,
-        other_betas: Tuple[float, float] = None,
-        other_eps: float = None,
-        freeze_inactive: bool = False,
-    ):
-        _check_betas("betas", betas)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, damping=damping)
-        super().__init__(
-            params,
-            defaults,
-            other_lr=other_lr,
-            other_betas=tuple(betas) if other_betas is None else other_betas,
-            other_eps=eps if other_eps is None else other_eps,
-            schedule=schedule,
-            order=order,
-            switch_every=switch_every,
-            backend=backend,
-            nonfinite=nonfinite,
-            freeze_inactive=freeze_inactive,
-        )
-
-    def _check_lora_hparams(self, group: Dict[str, Any], where: str) -> None:
-        _check_real("lr" + where, group["lr"])
-        _check_betas("betas" + where, group["betas"])
-        _check_real("eps" + where, group["eps"])
-        _check_real("weight_decay" + where, group["weight_decay"])
-        _check_real("damping" + where, group["damping"])
-
-    def _phase_hparams(self, group: Dict[str, Any]) -> K.PhaseHyperParams:
-        beta1, beta2 = group["betas"]
-        return K.PhaseHyperParams(
-            lr=float(group["lr"]),
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=float(group["eps"]),
-            weight_decay=float(group["weight_decay"]),
-            damping=float(group["damping"]),
-            adaptive=True,
-        )
+    def __init__(self, params, lr: float, betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, damping: float = DEFAULT_DAMPING, **options):
+        hparams = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay, damping=damping)
+        super().__init__(params, hparams, options)

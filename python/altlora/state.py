@@ -1,11 +1,11 @@
-"""Optimizer state of the LoRA factors: key names and the stacked per-shape buffers.
+"""Optimizer state of the LoRA factors: key names, the precision rule, and the stacked per-shape buffers.
 
 Per factor X (A or B) of every pair, ``optimizer.state[X]`` holds:
 
 * ``momentum``   M, the first moment of the scaled gradient, aligned to the other factor's value
-                 at X's last phase; shaped like X, float32.
+                 at X's last phase; shaped like X.
 * ``variance``   V (AltLoRA+ only), second moment of the scaled gradient; never reprojected.
-* ``step``       n, the number of updates of X (bias correction of AltLoRA+), float32 scalar.
+* ``step``       n, the number of updates of X (bias correction of AltLoRA+), a scalar.
 * ``gram``       the r×r Gram of X's current value: ``A·Aᵀ`` or ``Bᵀ·B``.
 * ``cross_gram`` the r×r ``X_cur·X_prevᵀ`` in row form (``A·A_prevᵀ``, ``Bᵀ·B_prev``), X_prev being
                  X's value at the other factor's last phase: the other factor's phase carries its
@@ -14,6 +14,11 @@ Per factor X (A or B) of every pair, ``optimizer.state[X]`` holds:
                  consecutive phases of X is in progress (``schedule="alternate"``,
                  ``switch_every > 1``): then X_prev is no longer the value before the last write.
 
+**Precision.** Every entry but ``snapshot`` (kept in the parameter's dtype) is in
+:func:`state_dtype` of the parameter, ``torch.promote_types(param.dtype, torch.float32)``: float32
+for float32, bfloat16 and float16 parameters, float64 for float64 ones. The phase math runs in
+that dtype too.
+
 The tensors are views into one stacked buffer per (pair group, factor, key) so that a phase
 works on all same-shaped layers with batched ops; ``state_dict`` / ``load_state_dict`` see
 ordinary per-parameter tensors.
@@ -21,13 +26,18 @@ ordinary per-parameter tensors.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+import altlora_kernels as K
+
 from .pairs import LoRAPair
 
-__all__ = ["MOMENTUM", "VARIANCE", "STEP", "GRAM", "CROSS_GRAM", "SNAPSHOT", "FACTORS", "PairGroup", "group_pairs"]
+__all__ = [
+    "MOMENTUM", "VARIANCE", "STEP", "GRAM", "CROSS_GRAM", "SNAPSHOT", "FACTORS", "PARAM_SHAPED",
+    "state_dtype", "rows", "PairGroup", "group_pairs", "refresh_grams",
+]
 
 MOMENTUM = "momentum"
 VARIANCE = "variance"
@@ -38,15 +48,24 @@ SNAPSHOT = "snapshot"
 FACTORS = ("A", "B")
 
 # Keys whose per-parameter view has the parameter's own shape (the rest are (r, r) or scalars).
-_PARAM_SHAPED = (MOMENTUM, VARIANCE, SNAPSHOT)
+PARAM_SHAPED = (MOMENTUM, VARIANCE, SNAPSHOT)
 
 
-def _rows(stacked: torch.Tensor, factor: str) -> torch.Tensor:
-    return stacked.mT if factor == "B" else stacked
+def state_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the optimizer math and state for parameters of ``param_dtype``."""
+    return torch.promote_types(param_dtype, torch.float32)
+
+
+def rows(matrix: torch.Tensor, factor: str) -> torch.Tensor:
+    """A factor's matrix (or a stack of them) in row form: ``A`` itself, ``Bᵀ`` for B."""
+    return matrix.mT if factor == "B" else matrix
 
 
 class PairGroup:
     """Pairs of one param group whose factors share shapes, dtypes and device, and their state."""
+
+    #: Whether the optimizer may rebuild this group when a parameter gets a new dtype or device.
+    rebuild_allowed = True
 
     def __init__(self, pairs: Sequence[LoRAPair]):
         self.pairs: List[LoRAPair] = list(pairs)
@@ -55,27 +74,40 @@ class PairGroup:
         self.params: Dict[str, List[torch.Tensor]] = {"A": [p.A for p in self.pairs], "B": [p.B for p in self.pairs]}
         self.rank = self.pairs[0].rank
         self.device = self.pairs[0].A.device
+        self.param_dtype = self.pairs[0].A.dtype
+        self.dtype = state_dtype(torch.promote_types(self.pairs[0].A.dtype, self.pairs[0].B.dtype))
         self.inv_scale_sq = torch.tensor(
-            [1.0 / (p.scaling * p.scaling) for p in self.pairs], dtype=torch.float32, device=self.device
+            [1.0 / (p.scaling * p.scaling) for p in self.pairs], dtype=self.dtype, device=self.device
         )
         self.buffers: Dict[str, Dict[str, torch.Tensor]] = {"A": {}, "B": {}}
-        # (_version, data_ptr) of every parameter after our last write; None = trust the state.
+        self.identity = self.current_identity()
+        self.backend = "torch"  # the concrete backend that runs this group's phases (set by the optimizer)
+        # What _tracked() gave for every parameter after our last write; None = trust the state.
         self._seen = None
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     # Hooks for sharded parameters (altlora.distributed overrides them): the matrices a phase
-    # works on, the per-parameter view of a state buffer, and a saved state value as a buffer row.
+    # works on, the per-parameter view of a state buffer, a saved state value as a buffer row,
+    # and what tells that a parameter was written outside the optimizer.
     def _matrices_of(self, pair: LoRAPair):
         return pair.matrices()
 
     def _expose(self, factor: str, i: int, key: str, row: torch.Tensor) -> torch.Tensor:
         p = self.params[factor][i]
-        return row.view(p.shape) if key in _PARAM_SHAPED else row
+        return row.view(p.shape) if key in PARAM_SHAPED else row
 
     def _from_saved(self, factor: str, i: int, key: str, value: torch.Tensor) -> torch.Tensor:
         return value
+
+    @staticmethod
+    def _tracked(p: torch.Tensor):
+        return p._version, p.data_ptr()
+
+    def current_identity(self) -> List[Tuple]:
+        """Storage, dtype and device of every factor: a change means the views are stale."""
+        return [(p.data_ptr(), p.dtype, p.device) for f in FACTORS for p in self.params[f]]
 
     def grad_matrix(self, factor: str, i: int, grad: torch.Tensor) -> torch.Tensor:
         """The gradient of ``params[factor][i]`` shaped like the matrix a phase works on."""
@@ -86,24 +118,23 @@ class PairGroup:
         return bool(self.buffers["A"])
 
     def gram_of_current(self, factor: str) -> torch.Tensor:
-        rows = _rows(torch.stack(self.matrices[factor]).float(), factor)
-        return torch.bmm(rows, rows.mT)
+        x = rows(torch.stack(self.matrices[factor]).to(self.dtype), factor)
+        return torch.bmm(x, x.mT)
 
-    def initialize(self, adaptive: bool, state) -> None:
+    def initialize(self, state_keys: Sequence[str], state) -> None:
         """Fresh state: zero moments, counters at 0, Grams of the current values, X_prev = X."""
         L = len(self)
         for factor in FACTORS:
             shape = (L,) + tuple(self.matrices[factor][0].shape)
             gram = self.gram_of_current(factor)
-            buf = {
-                MOMENTUM: torch.zeros(shape, dtype=torch.float32, device=self.device),
-                STEP: torch.zeros(L, dtype=torch.float32, device=self.device),
-                GRAM: gram,
-                CROSS_GRAM: gram.clone(),
+            fresh = {
+                MOMENTUM: lambda: torch.zeros(shape, dtype=self.dtype, device=self.device),
+                VARIANCE: lambda: torch.zeros(shape, dtype=self.dtype, device=self.device),
+                STEP: lambda: torch.zeros(L, dtype=self.dtype, device=self.device),
+                GRAM: lambda: gram,
+                CROSS_GRAM: lambda: gram.clone(),
             }
-            if adaptive:
-                buf[VARIANCE] = torch.zeros(shape, dtype=torch.float32, device=self.device)
-            self.buffers[factor] = buf
+            self.buffers[factor] = {key: fresh[key]() for key in state_keys}
         self.bind(state)
 
     def bind(self, state) -> None:
@@ -115,37 +146,36 @@ class PairGroup:
                 for key, buf in self.buffers[factor].items():
                     entry[key] = self._expose(factor, i, key, buf[i])
 
-    def load(self, state, adaptive: bool, names: Dict[int, str]) -> None:
-        """Rebuild the buffers from per-parameter state (after ``load_state_dict``)."""
-        required = [MOMENTUM, STEP, GRAM, CROSS_GRAM] + ([VARIANCE] if adaptive else [])
+    def load(self, state, state_keys: Sequence[str], names: Dict[int, str]) -> None:
+        """Rebuild the buffers from per-parameter state (``load_state_dict``, or a cast or move of
+        the parameters), converted to this group's device and dtypes; every value must be finite."""
         r = self.rank
         for factor in FACTORS:
             mats = self.matrices[factor]
             params = self.params[factor]
-            has_snapshot = SNAPSHOT in state[params[0]]
-            keys = required + ([SNAPSHOT] if has_snapshot else [])
+            keys = list(state_keys) + ([SNAPSHOT] if SNAPSHOT in state[params[0]] else [])
             buf = {}
             for key in keys:
-                rows = []
+                stacked = []
                 for i, (p, m) in enumerate(zip(params, mats)):
                     name = names.get(id(p), "a LoRA factor")
                     if key not in state[p]:
                         raise ValueError(f"state_dict has no '{key}' for {name}: it was saved by another optimizer or model")
                     t = state[p][key]
-                    if key in _PARAM_SHAPED:
-                        want, dtype = tuple(p.shape), (p.dtype if key == SNAPSHOT else torch.float32)
-                    elif key == STEP:
-                        want, dtype = (), torch.float32
-                    else:
-                        want, dtype = (r, r), torch.float32
+                    if not isinstance(t, torch.Tensor):
+                        t = torch.as_tensor(t)
+                    want = tuple(p.shape) if key in PARAM_SHAPED else (() if key == STEP else (r, r))
                     if tuple(t.shape) != want:
                         raise ValueError(
                             f"state_dict does not match the model: '{key}' of {name} has shape "
                             f"{tuple(t.shape)}, expected {want}"
                         )
-                    t = self._from_saved(factor, i, key, t).to(device=self.device, dtype=dtype)
-                    rows.append(t.reshape(m.shape) if key in _PARAM_SHAPED else t)
-                buf[key] = torch.stack(rows)
+                    t = self._from_saved(factor, i, key, t)
+                    if not bool(torch.isfinite(t).all()):
+                        raise ValueError(f"state_dict holds a NaN or Inf in '{key}' of {name}; it cannot be resumed from")
+                    t = t.to(device=self.device, dtype=p.dtype if key == SNAPSHOT else self.dtype)
+                    stacked.append(t.reshape(m.shape) if key in PARAM_SHAPED else t)
+                buf[key] = torch.stack(stacked)
             self.buffers[factor] = buf
         self.bind(state)
         self._seen = None
@@ -159,31 +189,53 @@ class PairGroup:
             for p in self.params[factor]:
                 state[p].pop(SNAPSHOT, None)
 
+    def activate_snapshot(self, factor: Optional[str], state) -> None:
+        """After a load: ``factor`` is in the middle of a run (its snapshot is live), or None."""
+
     def record_seen(self) -> None:
-        self._seen = {f: [(p._version, p.data_ptr()) for p in self.params[f]] for f in FACTORS}
+        self._seen = {f: [self._tracked(p) for p in self.params[f]] for f in FACTORS}
 
-    def refresh_modified(self) -> None:
-        """Recompute the cached Gram of any factor changed outside the optimizer since our last write.
+    def carry_seen(self, old: Sequence["PairGroup"]) -> None:
+        """After a rebuild on new tensors: a factor with its old dtype and device (only the storage
+        is new) keeps what was tracked, so the next refresh compares values; one cast or moved is
+        taken as it is, its state converted (as a save, cast and load would do)."""
+        before = {}
+        for pg in old:
+            for f in FACTORS:
+                for i, p in enumerate(pg.params[f]):
+                    m = pg.matrices[f][i]  # still the old tensor
+                    before[id(p)] = ((m.dtype, m.device), None if pg._seen is None else pg._seen[f][i])
+        self._seen = {f: [] for f in FACTORS}
+        for f in FACTORS:
+            for p in self.params[f]:
+                where, seen = before.get(id(p), (None, None))
+                self._seen[f].append(seen if seen is not None and where == (p.dtype, p.device) else self._tracked(p))
 
-        If the values really changed, the cross-Gram restarts at the new Gram: the momentum of
-        the other factor is taken as aligned to the new value. A write of identical values (a
-        checkpoint reload of the same weights) changes nothing.
-        """
+    def modified_flags(self) -> List[bool]:
+        """Per (factor, layer), in FACTORS × pair order: was it written outside the optimizer since our last write?"""
         if self._seen is None:
-            return
-        for factor in FACTORS:
-            for i, p in enumerate(self.params[factor]):
-                if (p._version, p.data_ptr()) == self._seen[factor][i]:
-                    continue
-                # `p.data = ...` replaces the storage: re-take the matrix view first.
-                self.matrices[factor][i] = p.view(self.matrices[factor][i].shape)
-                rows = self.matrices[factor][i].float()
-                rows = rows.mT if factor == "B" else rows
-                gram = rows @ rows.mT
-                buf = self.buffers[factor]
-                if not torch.equal(gram, buf[GRAM][i]):
-                    buf[GRAM][i].copy_(gram)
-                    buf[CROSS_GRAM][i].copy_(gram)
+            return [False] * (2 * len(self))
+        return [self._tracked(p) != self._seen[f][i] for f in FACTORS for i, p in enumerate(self.params[f])]
+
+    def phase_input(self, factor: str, grads: List[torch.Tensor], other: Optional[tuple] = None) -> K.FactorGroup:
+        """The compute layer's view of one phase of ``factor``; ``other`` replaces the other
+        factor's (Gram, cross-Gram) by start-of-step copies."""
+        own, theirs = self.buffers[factor], self.buffers["A" if factor == "B" else "B"]
+        other_gram, other_cross = other if other is not None else (theirs[GRAM], theirs[CROSS_GRAM])
+        return K.FactorGroup(
+            params=self.matrices[factor],
+            grads=grads,
+            transposed=factor == "B",
+            momentum=own[MOMENTUM],
+            variance=own.get(VARIANCE),
+            step=own[STEP],
+            gram=own[GRAM],
+            cross=own[CROSS_GRAM],
+            other_gram=other_gram,
+            other_cross=other_cross,
+            inv_scale_sq=self.inv_scale_sq,
+            snapshot=own.get(SNAPSHOT),
+        )
 
 
 def group_pairs(pairs: Sequence[LoRAPair]) -> List[PairGroup]:
@@ -194,3 +246,30 @@ def group_pairs(pairs: Sequence[LoRAPair]) -> List[PairGroup]:
         key = (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device)
         buckets.setdefault(key, []).append(pair)
     return [PairGroup(group) for group in buckets.values()]
+
+
+Reduce = Callable[[List[Tuple[PairGroup, str, int, torch.Tensor]]], None]
+
+
+def refresh_grams(changed: Sequence[Tuple[PairGroup, List[bool]]], reduce: Optional[Reduce] = None) -> None:
+    """Recompute the cached Gram of every factor written outside the optimizer since our last write.
+
+    ``changed``: per group, its :meth:`PairGroup.modified_flags`. ``reduce`` (sharded factors) sums
+    the partial Grams of a rank's columns over the ranks, in place. If the values really changed,
+    the cross-Gram restarts at the new Gram: the momentum of the other factor is taken as aligned
+    to the new value. A write of identical values (a reload of the same weights) changes nothing.
+    """
+    refreshed = []
+    for pg, flags in changed:
+        for position, flag in enumerate(flags):
+            if flag:
+                f, i = FACTORS[position // len(pg)], position % len(pg)
+                x = rows(pg.matrices[f][i].to(pg.dtype), f)
+                refreshed.append((pg, f, i, x @ x.mT))
+    if reduce is not None and refreshed:
+        reduce(refreshed)
+    for pg, f, i, gram in refreshed:
+        buf = pg.buffers[f]
+        if not torch.equal(gram, buf[GRAM][i]):
+            buf[GRAM][i].copy_(gram)
+            buf[CROSS_GRAM][i].copy_(gram)

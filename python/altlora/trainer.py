@@ -38,6 +38,7 @@ from torch import nn
 
 from .deepspeed_guard import check_not_deepspeed, deepspeed_error
 from .optimizers import AltLoRA, AltLoRAPlus
+from .options import Options, option_names
 
 __all__ = ["VARIANTS", "AltLoRAFactory", "altlora_optimizer", "AltLoRATrainerMixin", "AltLoRATrainer"]  # noqa: F822 (lazy)
 
@@ -58,10 +59,21 @@ def _check_kwargs(variant: str, kwargs: Dict[str, Any]) -> None:
     for name in _SUPPLIED_BY_TRAINER:
         if name in kwargs:
             raise ValueError(f"Invalid argument {name!r}: the Trainer passes the model to the optimizer itself")
+    cls = _optimizer_class(variant)
     try:
-        inspect.signature(_optimizer_class(variant)).bind(None, **kwargs)
+        bound = inspect.signature(cls).bind(None, **kwargs)
     except TypeError as error:
-        raise ValueError(f"{VARIANTS[variant].__name__}: {error}") from None
+        raise ValueError(f"{cls.__name__}: {error}") from None
+    bound.apply_defaults()
+    hparams = dict(bound.arguments)
+    hparams.pop("params")
+    options = hparams.pop("options", {})
+    unknown = sorted(set(options) - set(option_names()))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: got an unexpected keyword argument {unknown[0]!r}")
+    # The values too, now rather than when the Trainer builds the optimizer (lr=nan, a bad schedule).
+    Options(**options)
+    cls.variant.check(hparams, "")
 
 
 class AltLoRAFactory:
