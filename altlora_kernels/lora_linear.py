@@ -21,18 +21,19 @@ Dropout is reproducible: the keep-mask is a function of an integer seed (``dropo
 drawn from torch's default CPU generator when not given, and regenerated in the backward instead
 of being saved. Both backends use the same mask for the same seed.
 
-Backends: ``"triton"`` (``triton_lora_linear.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``),
-``"torch"`` (addmm-based, any device, the same skipping and the same saved tensors) and
-``"auto"`` (Triton on CUDA when it is installed, torch otherwise).
+Backends (registered in ``backends.py``, op ``"lora_linear"``): ``"triton"``
+(``triton_lora_linear.py``; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"``
+(``torch_lora_linear.py``: addmm-based, any device, the same skipping and the same saved tensors)
+and ``"auto"`` (Triton on CUDA when it is installed, torch otherwise).
 """
 
 from __future__ import annotations
 
-import importlib
-import types
 from typing import Optional
 
 import torch
+
+from . import backends
 
 __all__ = [
     "LORA_LINEAR_BACKENDS",
@@ -44,7 +45,7 @@ __all__ = [
     "resolve_lora_linear_backend",
 ]
 
-LORA_LINEAR_BACKENDS = ("auto", "torch", "triton")
+LORA_LINEAR_BACKENDS = backends.backend_names(backends.LORA_LINEAR)
 
 # Seeds are drawn below 2**62 so that they stay valid int64 generator seeds on every device.
 _SEED_BOUND = 2**62
@@ -67,59 +68,14 @@ def dropout_keep_mask(seed: int, shape, p: float, device) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# The torch backend: the three primitives of triton_lora_linear.py, with addmm.
-
-
-def _project_torch(x, m, scale, keep=None):
-    if keep is not None:
-        x = x * keep
-    return torch.mm(x, m.t()).mul_(scale)
-
-
-def _matmul_plus_low_rank_torch(x, w, h, l, scaling, bias=None, keep=None):
-    out = torch.addmm(bias, x, w) if bias is not None else torch.mm(x, w)
-    if keep is None:
-        return out.addmm_(h, l, alpha=scaling)
-    return out.add_(torch.mm(h, l).mul_(keep).mul_(scaling))
-
-
-def _low_rank_grad_torch(h, x, scale, keep=None):
-    if keep is not None:
-        x = x * keep
-    return torch.mm(h.t(), x).mul_(scale)
-
-
-_TORCH_OPS = types.SimpleNamespace(
-    project=_project_torch,
-    matmul_plus_low_rank=_matmul_plus_low_rank_torch,
-    low_rank_grad=_low_rank_grad_torch,
-)
-
-
-# --------------------------------------------------------------------------------------------
-# Backend selection
-
-
-def _triton_module():
-    """``triton_lora_linear``, or None without Triton (imported on first use: torch-only users never load it)."""
-    try:
-        return importlib.import_module(".triton_lora_linear", __package__)
-    except ImportError as err:
-        if err.name in ("triton", "triton.language"):
-            return None
-        raise
+# Backend selection (the registry in backends.py)
 
 
 def lora_linear_unavailable_reason(backend: str, device: Optional[torch.device]) -> Optional[str]:
-    """Why ``backend`` cannot run the op on ``device``, or None if it can."""
-    if backend not in LORA_LINEAR_BACKENDS:
-        raise ValueError(f"Invalid backend: {backend!r} (expected one of {', '.join(LORA_LINEAR_BACKENDS)})")
-    if backend in ("auto", "torch"):
+    """Why ``backend`` cannot run the op on ``device``, or None if it can (``"auto"`` always can)."""
+    if backend == "auto":
         return None
-    module = _triton_module()
-    if module is None:
-        return "backend='triton' needs the triton package (pip install triton)"
-    return module.unavailable_reason(device)
+    return backends.unavailable_reason(backend, device, op=backends.LORA_LINEAR)
 
 
 def resolve_lora_linear_backend(backend: str, device: Optional[torch.device]) -> str:
@@ -128,18 +84,11 @@ def resolve_lora_linear_backend(backend: str, device: Optional[torch.device]) ->
     ``"auto"`` picks Triton on CUDA devices when it can run there (the interpreter is never chosen
     automatically: it is for tests). ``"triton"`` where it cannot run raises ``RuntimeError``.
     """
-    reason = lora_linear_unavailable_reason(backend, device)
-    if backend == "auto":
-        if device is not None and device.type == "cuda" and lora_linear_unavailable_reason("triton", device) is None:
-            return "torch" if _triton_module().interpreting() else "triton"
-        return "torch"
-    if reason is not None:
-        raise RuntimeError(f"{reason}; use backend='torch' (runs everywhere) or backend='auto'")
-    return backend
+    return backends.resolve_backend(backend, device, op=backends.LORA_LINEAR)
 
 
 def _ops(backend: str):
-    return _triton_module() if backend == "triton" else _TORCH_OPS
+    return backends.backend_module(backend, backends.LORA_LINEAR)
 
 
 # --------------------------------------------------------------------------------------------

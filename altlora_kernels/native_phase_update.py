@@ -1,6 +1,6 @@
 """The ``native`` backend: the phase update in C++ (``csrc/phase_update.cpp``), compiled on demand.
 
-Same semantics as the torch backend (``phase_update.py``, whose docstring holds the math): one
+Same semantics as the torch backend (``torch_phase_update.py``; the math: ``docs/math.md``): one
 call runs a phase for every layer of every group, with ``at::parallel_for`` over layers and
 column chunks, element-wise work in fp32 and the r×r damped Cholesky in double. CPU only.
 
@@ -44,9 +44,10 @@ from typing import Optional, Sequence
 import torch
 
 from .cholesky import ABSOLUTE_FLOOR, ESCALATION, PIVOT_FLOOR
-from .phase_update import FactorGroup, PhaseHyperParams
+from .phase_types import FactorGroup, PhaseHyperParams
 
 __all__ = [
+    "SUPPORTED_DTYPES",
     "NativeUnavailable",
     "unavailable_reason",
     "prepare",
@@ -60,6 +61,9 @@ SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("phase_update.cpp",)
 HEADERS = ("damped_cholesky.h",)
 MODULE_PREFIX = "altlora_native"
+
+# Parameter dtypes the C++ code takes (fp32 math and state).
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # Lines of compiler output kept in the reason of a failed build.
 _ERROR_LINES = 25
@@ -272,7 +276,7 @@ def prepare(device: Optional[torch.device] = None) -> None:
 
 
 def phase_update(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_inf: Optional[torch.Tensor] = None) -> None:
-    """One phase for every group: the semantics of ``phase_update.phase_update_torch``."""
+    """One phase for every group: the semantics of ``torch_phase_update.phase_update_torch``."""
     if not groups:
         return
     try:

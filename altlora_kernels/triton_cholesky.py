@@ -8,7 +8,7 @@ taken. The choice is made per matrix inside the kernel: no host sync. Later rung
 factored when the earlier ones failed.
 
 One program per layer holds its r×r Gram in registers, padded to ``R`` (a power of two ≥ 16, see
-``triton_work_table.padded_rank``) with an identity block in the padding, so the padding stays an
+``triton_phase_tables.padded_rank``) with an identity block in the padding, so the padding stays an
 identity through the factorization and the inverse and never mixes with the real block:
 
 1. Cholesky, right-looking: for each column k, ``L[:, k] = W[:, k] / sqrt(W[k, k])`` on and below
@@ -28,7 +28,8 @@ from __future__ import annotations
 import torch
 
 from .cholesky import ABSOLUTE_FLOOR, ESCALATION, PIVOT_FLOOR
-from .triton_work_table import FACTOR_WARPS, Field, LazyKernel, Launch, tl
+from .triton_phase_tables import FACTOR_WARPS, Field
+from .triton_runtime import MIN_DOT_EXTENT, LazyKernel, Launch, tl
 
 __all__ = ["NUM_RUNGS", "ladder_scales", "factor_launch", "factor_kernel"]
 
@@ -40,11 +41,11 @@ if tl is not None:
     _OTHER_GRAM = tl.constexpr(Field.OTHER_GRAM)
     _OTHER_CROSS = tl.constexpr(Field.OTHER_CROSS)
     _INF = tl.constexpr(float("inf"))
-    _K_BLOCK = tl.constexpr(16)  # the smallest tl.dot extent a GPU compiles
+    _K_BLOCK = tl.constexpr(MIN_DOT_EXTENT)  # rows of Z and C_Y per tl.dot
     # tl.sum's own combine function: tl.reduce with it is a sum that Triton's interpreter runs as
     # one numpy sum, while tl.sum itself is a jit function of triton.language.standard: ~3 ms per
     # call there, and not callable at all when Triton was imported before TRITON_INTERPRET was set
-    # (see triton_work_table). For the same reason the kernels use tl.full, not tl.zeros.
+    # (see triton_runtime). For the same reason the kernels use tl.full, not tl.zeros.
     from triton.language.standard import _sum_combine as _add
 
 

@@ -20,25 +20,21 @@ Compile rules that the interpreter (``TRITON_INTERPRET=1``) does not enforce are
 ≥ 16 with masked loads (r = 8 is the paper's default); fp32 ``tl.dot`` uses TF32 on a GPU unless
 ``input_precision="ieee"``, which we ask for with fp32 inputs to match torch's fp32 matmul; the
 interpreter has no bf16 arithmetic, so there tiles are cast to fp32 right after loading; block
-sizes are fixed (no ``@triton.autotune``, which the interpreter cannot run); the kernels use
-only builtins of ``triton.language`` (``tl.full``, not the ``@jit`` helpers ``tl.zeros``/``tl.cdiv``,
-which break the interpreter when ``triton.language`` was imported in compiled mode). Kernels are
-decorated with ``triton.jit`` on first launch, once per mode, because the decorator reads
-``TRITON_INTERPRET``: a process may set it after importing this module.
+sizes are fixed (no ``@triton.autotune``, which the interpreter cannot run); kernels are
+``triton_runtime.LazyKernel``s and use only builtins of ``triton.language`` (see there why).
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Optional
 
 import torch
-import triton
-import triton.language as tl
+
+from .triton_runtime import LazyKernel, dot_extent, interpreter_enabled, tl, triton, triton_missing_reason
 
 __all__ = [
-    "interpreting",
+    "SUPPORTED_DTYPES",
     "unavailable_reason",
     "launch_config",
     "project",
@@ -49,10 +45,9 @@ __all__ = [
     "LOW_RANK_GRAD_KERNEL",
 ]
 
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Largest rank block held in registers at once; larger ranks loop (or get more programs).
 MAX_RANK_BLOCK = 64
-# tl.dot's smallest dimension on NVIDIA GPUs.
-MIN_DOT_DIM = 16
 # Programs per SM that the split-N reduction of low_rank_grad aims at, to fill the GPU.
 PROGRAMS_PER_SM = 4
 
@@ -182,47 +177,21 @@ def _low_rank_grad_kernel(
              out.to(out_ptr.dtype.element_ty), mask=(ranks[:, None] < rank) & (cols[None, :] < n_cols))
 
 
-def interpreting() -> bool:
-    """Whether Triton interprets kernels on the CPU now (``TRITON_INTERPRET=1``)."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+PROJECT_KERNEL = LazyKernel(_project_kernel)
+MATMUL_PLUS_LOW_RANK_KERNEL = LazyKernel(_matmul_plus_low_rank_kernel)
+LOW_RANK_GRAD_KERNEL = LazyKernel(_low_rank_grad_kernel)
 
 
-class _PerModeKernel:
-    """``triton.jit`` of a kernel body, built on first launch once per mode.
-
-    ``triton.jit`` chooses between a compiled and an interpreted kernel when it decorates, from
-    ``TRITON_INTERPRET``; decorating lazily lets a process (a test) switch the variable after import.
-    """
-
-    def __init__(self, fn) -> None:
-        self.fn = fn
-        self._built = {}
-
-    def get(self):
-        mode = interpreting()
-        if mode not in self._built:
-            self._built[mode] = triton.jit(self.fn)
-        return self._built[mode]
-
-    def __getitem__(self, grid):
-        return self.get()[grid]
-
-
-PROJECT_KERNEL = _PerModeKernel(_project_kernel)
-MATMUL_PLUS_LOW_RANK_KERNEL = _PerModeKernel(_matmul_plus_low_rank_kernel)
-LOW_RANK_GRAD_KERNEL = _PerModeKernel(_low_rank_grad_kernel)
-
-
-def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
+def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     """Why these kernels cannot run on ``device``, or None if they can."""
+    missing = triton_missing_reason()
+    if missing is not None:
+        return missing
     if device is None:
         return "the Triton LoRA linear kernels need all tensors on one device"
     if device.type == "cuda":
         return None
-    if device.type == "cpu" and interpreting():
+    if device.type == "cpu" and interpreter_enabled():
         return None
     if device.type == "cpu":
         return "the Triton LoRA linear kernels run on CUDA devices, and on the CPU only under TRITON_INTERPRET=1"
@@ -234,16 +203,16 @@ def unavailable_reason(device: Optional[torch.device]) -> Optional[str]:
 
 
 def _rank_block(rank: int) -> int:
-    return min(MAX_RANK_BLOCK, max(MIN_DOT_DIM, triton.next_power_of_2(rank)))
+    return dot_extent(rank, cap=MAX_RANK_BLOCK)
 
 
 def _dtype_options(dtype: torch.dtype) -> dict:
     # The interpreter cannot do bf16/fp16 arithmetic: tiles are cast to fp32 right after loading.
-    return {"UPCAST": interpreting(), "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+    return {"UPCAST": interpreter_enabled(), "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 
 def _gpu(device: torch.device) -> bool:
-    return device.type == "cuda" and not interpreting()
+    return device.type == "cuda" and not interpreter_enabled()
 
 
 # Fixed tiles (no autotuning: the interpreter cannot run it, and these are the usual good choices

@@ -15,7 +15,7 @@ launches that does not depend on the number of layers:
    identical runs give identical bits; no atomics), writes ``gram``, ``cross``,
    ``other_cross ← other_gram`` and ``n ← n + 1``.
 
-Layers are bucketed by padded rank, dtypes and layout (``triton_work_table``); each bucket is
+Layers are bucketed by padded rank, dtypes and layout (``triton_phase_tables``); each bucket is
 three launches, so a model whose factors share one rank and dtype pays three launches per phase
 whatever its number of layers. ``found_inf`` is read by the kernels: when it is non-zero nothing
 is written (parameters, moments, counters, Grams), with no host sync.
@@ -32,29 +32,16 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .phase_update import FactorGroup, PhaseHyperParams, phase_update_torch
+from .phase_types import FactorGroup, PhaseHyperParams
+from .torch_phase_update import phase_update_torch
 from .triton_cholesky import factor_launch
-from .triton_work_table import (
-    FACTOR_WARPS,
-    UPDATE_WARPS,
-    GRAD_FIELDS,
-    MAX_RANK,
-    NUM_FIELDS,
-    Field,
-    LazyKernel,
-    Launch,
-    interpreter_enabled,
-    plan_buckets,
-    tl,
-    triton_missing_reason,
-)
+from .triton_phase_tables import FACTOR_WARPS, GRAD_FIELDS, MAX_RANK, NUM_FIELDS, UPDATE_WARPS, Field, plan_buckets
+from .triton_runtime import MIN_DOT_EXTENT, LazyKernel, Launch, interpreter_enabled, tl, triton_missing_reason
 
-__all__ = ["unavailable_reason", "phase_update", "phase_launches", "update_kernel", "reduce_kernel", "SUPPORTED_PARAM_DTYPES"]
+__all__ = ["unavailable_reason", "phase_update", "phase_launches", "update_kernel", "reduce_kernel", "SUPPORTED_DTYPES"]
 
-SUPPORTED_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# Rows of ∇X and M per tl.dot in the update: 16 is the smallest tl.dot extent a GPU compiles.
-K_BLOCK = 16
+# Parameter dtypes the kernels take (fp32 math and state); other groups go to the torch backend.
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 if tl is not None:
     _PARAM = tl.constexpr(Field.PARAM)
@@ -72,7 +59,8 @@ if tl is not None:
     _RANK = tl.constexpr(Field.RANK)
     _FIRST_CHUNK = tl.constexpr(Field.FIRST_CHUNK)
     _NUM_CHUNKS = tl.constexpr(Field.NUM_CHUNKS)
-    _K_BLOCK = tl.constexpr(K_BLOCK)
+    # Rows of ∇X and M per tl.dot in the update.
+    _K_BLOCK = tl.constexpr(MIN_DOT_EXTENT)
     _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
@@ -287,7 +275,7 @@ def _kernels_take(g: FactorGroup) -> bool:
     state = (g.momentum, g.variance, g.snapshot, g.gram, g.cross, g.other_gram, g.other_cross, g.step, g.inv_scale_sq)
     return (
         1 <= _rank(g) <= MAX_RANK
-        and g.params[0].dtype in SUPPORTED_PARAM_DTYPES
+        and g.params[0].dtype in SUPPORTED_DTYPES
         and all(p.dim() == 2 and p.stride(1) == 1 for p in g.params)
         and all(t is None or t.is_contiguous() for t in state)
         and all(t is None or t.dtype == torch.float32 for t in state if t is not g.snapshot)
@@ -317,7 +305,7 @@ def _check(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_inf: Optio
 
 def _kernel_grads(g: FactorGroup) -> List[torch.Tensor]:
     """Gradients as the kernels read them: unit inner stride, one dtype for the whole group."""
-    dtype = g.grads[0].dtype if g.grads[0].dtype in SUPPORTED_PARAM_DTYPES else torch.float32
+    dtype = g.grads[0].dtype if g.grads[0].dtype in SUPPORTED_DTYPES else torch.float32
     out = []
     for gr in g.grads:
         if gr.dtype != dtype:

@@ -460,7 +460,8 @@ import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from altlora_kernels import triton_lora_linear as T
-assert not T.interpreting()
+from altlora_kernels.triton_runtime import interpreter_enabled
+assert not interpreter_enabled()
 KERNELS = {"project": T.PROJECT_KERNEL.get(), "matmul_plus_low_rank": T.MATMUL_PLUS_LOW_RANK_KERNEL.get(),
            "low_rank_grad": T.LOW_RANK_GRAD_KERNEL.get()}
 for dtype, name, keep in [("bf16", torch.bfloat16, True), ("bf16", torch.bfloat16, False), ("fp32", torch.float32, False)]:

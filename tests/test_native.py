@@ -19,7 +19,7 @@ import altlora
 import altlora_kernels as K
 from altlora_kernels import native_phase_update as native
 from altlora_kernels.cholesky import ABSOLUTE_FLOOR, ESCALATION, damping_ladder
-from altlora_kernels.phase_update import phase_update_torch
+from altlora_kernels.torch_phase_update import phase_update_torch
 from problems import Problem, compare_with_oracle
 from test_oracle import CASES, make, run_against_oracle
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import altlora
-import altlora_kernels.triton_work_table as work_table
+import altlora_kernels.triton_phase_tables as work_table
 from problems import Problem, compare_with_oracle
 from test_oracle import make, run_against_oracle
 
@@ -21,7 +21,8 @@ triton = pytest.importorskip("triton", reason="the triton backend needs the 'tri
 
 from altlora_kernels import FactorGroup, PhaseHyperParams, damped_cholesky  # noqa: E402
 from altlora_kernels import triton_cholesky, triton_phase_update  # noqa: E402
-from altlora_kernels.triton_work_table import NUM_FIELDS, Field, LazyKernel  # noqa: E402
+from altlora_kernels.triton_phase_tables import NUM_FIELDS, Field  # noqa: E402
+from altlora_kernels.triton_runtime import LazyKernel  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")

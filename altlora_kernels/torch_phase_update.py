@@ -2,7 +2,7 @@
 
 Row form. Both phases are the same computation once each factor is seen as an ``r × n`` matrix
 ``X`` ("row form"): ``A`` itself (n = d) or ``Bᵀ`` (n = k). With ``Y`` the other factor in row form,
-the phase that updates ``X`` is (DESIGN.md §1, written once here):
+the phase that updates ``X`` is (``docs/math.md`` states it per factor; this is the same in row form):
 
     P   = (Y Yᵀ + λI)⁻¹                  Cholesky of the cached Gram of Y, damping escalated
     g̃   = (1/s²) · P · ∇X                 the scaled gradient (Theorem 1)
@@ -31,49 +31,17 @@ into a no-op on the device, without a host sync: every output keeps its old valu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
 from .cholesky import damped_cholesky
+from .phase_types import FactorGroup, PhaseHyperParams
 
-__all__ = ["PhaseHyperParams", "FactorGroup", "phase_update_torch", "phase_update", "unavailable_reason"]
+__all__ = ["SUPPORTED_DTYPES", "phase_update_torch", "phase_update", "unavailable_reason"]
 
-
-@dataclass(frozen=True)
-class PhaseHyperParams:
-    lr: float
-    beta1: float
-    weight_decay: float
-    damping: float
-    adaptive: bool = False  # AltLoRA+ (second moment and bias correction)
-    beta2: float = 0.999
-    eps: float = 1e-8
-
-
-@dataclass
-class FactorGroup:
-    """The factor being updated, for L layers whose factors have one shape, dtype and device.
-
-    ``params``/``grads`` are 2-D tensors as stored (A: ``(r, d)``; B: ``(k, r)``) and
-    ``transposed`` says whether the row form is their transpose (True for B). The state buffers
-    are stacked ``(L, *param_shape)`` float32 tensors updated in place; r×r matrices are
-    ``(L, r, r)`` in row form (see the module docstring).
-    """
-
-    params: Sequence[torch.Tensor]
-    grads: Sequence[torch.Tensor]
-    transposed: bool
-    momentum: torch.Tensor
-    variance: Optional[torch.Tensor]
-    step: torch.Tensor
-    gram: torch.Tensor
-    cross: torch.Tensor
-    other_gram: torch.Tensor
-    other_cross: torch.Tensor
-    inv_scale_sq: torch.Tensor
-    snapshot: Optional[torch.Tensor] = None
+# Every floating dtype: the math runs in (at least) float32 with torch ops.
+SUPPORTED_DTYPES = None
 
 
 # The ops below take stacked factors in their stored layout, (L, r, d) for A and (L, k, r) for B,
@@ -113,8 +81,10 @@ def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optiona
     # it, new values go to temporaries and a torch.where keeps the old ones on a skipped phase.
     direct = found_inf is None
     stored = torch.stack(list(g.params))
-    x_old = stored.float()
-    grad = torch.stack(list(g.grads)).float()
+    # The math runs in the state's dtype: promote_types(param dtype, float32) (float64 stays float64).
+    compute = g.momentum.dtype
+    x_old = stored.to(compute)
+    grad = torch.stack(list(g.grads)).to(compute)
 
     # NOTE: P is formed from the Cholesky factor of the *damped* Gram (never by inverting a raw
     # Gram) and applied with bmm: for r ≤ 128 this is as accurate as cholesky_solve and several
@@ -145,9 +115,9 @@ def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optiona
     x_new = torch.sub(x_new, update, alpha=hp.lr)
 
     new_stored = x_new.to(stored.dtype)
-    reference = x_old if g.snapshot is None else g.snapshot.float()
+    reference = x_old if g.snapshot is None else g.snapshot.to(compute)
     if direct:
-        written = new_stored if new_stored.dtype == torch.float32 else new_stored.float()
+        written = new_stored.to(compute)
         _row_products(written, reference, t, out=g.cross)
         _row_products(written, written, t, out=g.gram)
         g.other_cross.copy_(g.other_gram)
@@ -157,7 +127,7 @@ def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optiona
         # be recomputed from the unchanged factor.
         skip = found_inf != 0
         new_stored = torch.where(skip, stored, new_stored)
-        written = new_stored if new_stored.dtype == torch.float32 else new_stored.float()
+        written = new_stored.to(compute)
         g.cross.copy_(torch.where(skip, g.cross, _row_products(written, reference, t)))
         g.gram.copy_(torch.where(skip, g.gram, _row_products(written, written, t)))
         g.other_cross.copy_(torch.where(skip, g.other_cross, g.other_gram))
@@ -173,4 +143,4 @@ def unavailable_reason(device=None):
     return None
 
 
-phase_update = phase_update_torch  # the backend-module interface of backends.py
+phase_update = phase_update_torch  # the name every backend module exports (see backends.py)

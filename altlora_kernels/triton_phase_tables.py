@@ -1,17 +1,7 @@
-"""Launch plumbing of the Triton backend: optional Triton, kernels built per mode, and work tables.
+"""Work tables of the Triton phase update: which program works on what, read from device memory.
 
-Triton is optional: without it this module still imports (``triton`` and ``tl`` are None) and
-:func:`triton_missing_reason` says what to install.
-
-Kernels are decorated lazily (:class:`LazyKernel`): ``triton.jit`` decides at decoration time
-whether it builds a compiled kernel or an interpreted one (``TRITON_INTERPRET=1``), and a process
-may switch that variable after importing this package (the tests do); each mode gets its own
-decorated kernel, built on first launch. The helpers of ``triton.language.standard`` (``tl.sum``,
-``tl.zeros``, ...) are jit functions decorated when Triton is imported, so the kernels call only
-builtins: those helpers could not run inside an interpreted kernel after a late switch.
-
-Work tables. One phase over many layers of different shapes runs as a fixed number of launches:
-every program reads what it works on from int64 tables in device memory.
+One phase over many layers of different shapes runs as a fixed number of launches: every program
+reads what it works on from int64 tables in device memory.
 
 * ``layers``: one row of ``NUM_FIELDS`` int64 per layer: the ``data_ptr()`` of each of its tensors
   (kernels cast them with ``.to(tl.pointer_type(...))``), its rank ``r``, its row length ``n``,
@@ -31,31 +21,21 @@ gradient table is compared and re-sent on its own.
 from __future__ import annotations
 
 import math
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-try:  # Triton is optional: the package must import without it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised where Triton is not installed
-    triton = None
-    tl = None
+from .triton_runtime import dot_extent
 
 __all__ = [
-    "triton",
-    "tl",
     "MAX_RANK",
     "NUM_FIELDS",
+    "CHUNK_FIELDS",
+    "GRAD_FIELDS",
     "Field",
-    "LazyKernel",
-    "Launch",
     "Bucket",
-    "interpreter_enabled",
-    "triton_missing_reason",
     "padded_rank",
     "tile_shape",
     "FACTOR_WARPS",
@@ -67,10 +47,6 @@ __all__ = [
 # Largest rank the kernels take: an r×r fp32 tile lives in one program's registers, and r = 128
 # (R² = 16K values) is what one program can still hold; larger ranks go to the torch backend.
 MAX_RANK = 128
-
-# tl.dot needs every dimension ≥ 16 on a GPU (the interpreter accepts smaller ones): ranks are
-# padded to a power of two ≥ 16 inside the kernels.
-MIN_PADDED_RANK = 16
 
 # Columns per update tile, by padded rank. An fp32 (IEEE) tl.dot runs on CUDA cores and holds
 # its operands' K extent in registers: the Gram products X·Xᵀ have K = BLOCK_N, so it stays small.
@@ -118,60 +94,9 @@ CHUNK_FIELDS = 3  # layer, first column, end column
 GRAD_FIELDS = 2  # pointer, leading stride
 
 
-def interpreter_enabled() -> bool:
-    """True when ``TRITON_INTERPRET`` asks Triton to interpret kernels on the CPU."""
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        return bool(knobs.runtime.interpret)
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def triton_missing_reason() -> Optional[str]:
-    if triton is None:
-        return "backend='triton' needs the 'triton' package, which is not installed (pip install triton)"
-    return None
-
-
-class LazyKernel:
-    """A kernel body decorated with ``triton.jit`` on first use, once per mode (compiled / interpreted)."""
-
-    instances: List["LazyKernel"] = []
-
-    def __init__(self, fn):
-        self.fn = fn
-        self.__name__ = fn.__name__
-        self._built: Dict[bool, object] = {}
-        LazyKernel.instances.append(self)
-
-    def get(self):
-        """The ``triton.jit`` object for the current mode (what ``kernel[grid](...)`` launches)."""
-        mode = interpreter_enabled()
-        kernel = self._built.get(mode)
-        if kernel is None:
-            kernel = self._built[mode] = triton.jit(self.fn)
-        return kernel
-
-    def __getitem__(self, grid):
-        return self.get()[grid]
-
-
-@dataclass
-class Launch:
-    """One kernel launch, described before it runs (tests compile these for a GPU target)."""
-
-    kernel: LazyKernel
-    grid: Tuple[int, ...]
-    args: tuple  # positional runtime arguments, in the kernel's order
-    constexprs: Dict[str, object]
-    num_warps: int
-
-    def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
-
-
 def padded_rank(r: int) -> int:
-    """The power of two ≥ 16 the kernels pad rank ``r`` to."""
-    return max(MIN_PADDED_RANK, 1 << (int(r) - 1).bit_length())
+    """The power of two ≥ ``MIN_DOT_EXTENT`` (16) the kernels pad rank ``r`` to."""
+    return dot_extent(r)
 
 
 def tile_shape(padded: int) -> Tuple[int, int]:

@@ -1,0 +1,102 @@
+"""What every Triton module of this package shares: the optional import, the interpreter, lazy kernels, launches.
+
+* Triton is optional: without it this module still imports (``triton`` and ``tl`` are None) and
+  :func:`triton_missing_reason` says what to install. Kernel modules take ``triton``/``tl`` from
+  here and use ``from __future__ import annotations``, so they import without Triton too.
+* :func:`interpreter_enabled`: whether kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``).
+* :class:`LazyKernel`: ``triton.jit`` decides at decoration time whether it builds a compiled
+  or an interpreted kernel, and a process may switch ``TRITON_INTERPRET`` after importing this
+  package (the tests do), so a kernel body is decorated on first launch, once per mode. For the
+  same reason kernels call only builtins of ``triton.language`` (``tl.full``, ``tl.reduce``), not
+  the jit helpers of ``triton.language.standard`` (``tl.zeros``, ``tl.sum``, ``tl.cdiv``), which
+  were decorated for the mode of the moment Triton was imported.
+* :class:`Launch`: one launch described before it runs (tests compile these for a GPU target).
+* :data:`MIN_DOT_EXTENT` and :func:`dot_extent`: the one hardware fact about ``tl.dot`` shapes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+try:  # Triton is optional: the package must import without it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is not installed
+    triton = None
+    tl = None
+
+__all__ = [
+    "triton",
+    "tl",
+    "MIN_DOT_EXTENT",
+    "dot_extent",
+    "interpreter_enabled",
+    "triton_missing_reason",
+    "LazyKernel",
+    "Launch",
+]
+
+# Every dimension of a tl.dot must be at least 16 for a GPU compiler (NVIDIA's MMA tiles); the
+# interpreter accepts smaller ones, so nothing but this constant keeps the kernels compilable.
+# Ranks are padded up to it and K loops step by it.
+MIN_DOT_EXTENT = 16
+
+
+def dot_extent(n: int, cap: Optional[int] = None) -> int:
+    """The power of two ≥ ``n`` and ≥ :data:`MIN_DOT_EXTENT` (at most ``cap``, when given) a tl.dot dimension gets."""
+    extent = max(MIN_DOT_EXTENT, 1 << (int(n) - 1).bit_length())
+    return extent if cap is None else min(cap, extent)
+
+
+def interpreter_enabled() -> bool:
+    """True when ``TRITON_INTERPRET`` asks Triton to interpret kernels on the CPU."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def triton_missing_reason() -> Optional[str]:
+    """None when Triton is installed, else a one-line reason that says what to install."""
+    if triton is None:
+        return "backend='triton' needs the 'triton' package, which is not installed (pip install triton)"
+    return None
+
+
+class LazyKernel:
+    """A kernel body decorated with ``triton.jit`` on first use, once per mode (compiled / interpreted)."""
+
+    instances: List["LazyKernel"] = []
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = fn.__name__
+        self._built: Dict[bool, object] = {}
+        LazyKernel.instances.append(self)
+
+    def get(self):
+        """The ``triton.jit`` object for the current mode (what ``kernel[grid](...)`` launches)."""
+        mode = interpreter_enabled()
+        kernel = self._built.get(mode)
+        if kernel is None:
+            kernel = self._built[mode] = triton.jit(self.fn)
+        return kernel
+
+    def __getitem__(self, grid):
+        return self.get()[grid]
+
+
+@dataclass
+class Launch:
+    """One kernel launch, described before it runs (tests compile these for a GPU target)."""
+
+    kernel: LazyKernel
+    grid: Tuple[int, ...]
+    args: tuple  # positional runtime arguments, in the kernel's order
+    constexprs: Dict[str, object]
+    num_warps: int
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
