@@ -255,3 +255,17 @@ def test_python_dash_m_entry_point():
 
     out = subprocess.run([sys.executable, "-m", "altlora", "finetune", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "--optimizers" in out.stdout and "--lr NAME=VALUE" in out.stdout
+
+
+def test_threads_follow_the_idle_cores_unless_given(monkeypatch):
+    from altlora.finetune import threads
+
+    monkeypatch.setattr(threads, "_TORCH_DEFAULT", 4)
+    monkeypatch.setattr(threads.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (0.2, 0.0, 0.0))
+    assert threads.choose_threads(None)[0] == 4
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert threads.choose_threads(None) == (1, "machine busy: load 2.6 on 4 CPUs; --threads overrides")
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert threads.choose_threads(None)[0] == 1
+    assert threads.choose_threads(3) == (3, "--threads")

@@ -109,7 +109,10 @@ def _add_common(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--eval-every", type=_positive_int, default=50, help="steps between evaluations (default 50)")
     p.add_argument("--train-limit", type=_positive_int, default=None, help="use only the first N training snippets")
     p.add_argument("--val-limit", type=_positive_int, default=None, help="use only the first N snippets of the evaluated split")
-    p.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads (default: the idle cores when each run starts, i.e. CPUs minus the load "
+                        "average, at least 1: on a busy machine more threads than idle cores make each step several "
+                        "times slower)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

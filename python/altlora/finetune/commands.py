@@ -16,6 +16,7 @@ from .errors import CLIError
 from .model import load_tokenizer
 from .optimizers import OPTIMIZERS, names
 from .report import check_writable, format_table, write_outputs
+from .threads import choose_threads
 from .train import RunConfig, RunResult, train_run
 
 __all__ = ["finetune", "ablation", "load_data"]
@@ -56,8 +57,8 @@ def _run_all(make_configs, args, title: str) -> List[RunResult]:
     comparison keeps what completed. ``make_configs(steps)`` builds the runs once the data (and so
     the length of an epoch) is known."""
     check_writable(args.output)  # before any training: a bad --output must not cost a run
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads, why = choose_threads(args.threads)
+    torch.set_num_threads(threads)
     train, held_out = load_data(args)
     args.steps = resolve_steps(args, train)
     positive = float(held_out.labels.float().mean())
@@ -66,10 +67,15 @@ def _run_all(make_configs, args, title: str) -> List[RunResult]:
     print(f"data: {len(train)} training / {len(held_out)} {args.eval_split} snippets (split by movie); "
           f"{len(configs)} run(s) of {args.steps} steps ({args.steps / steps_per_epoch(train, args.batch_size):.2f} "
           f"epochs, {args.lr_schedule} lr" + (f", warm-up {args.warmup_ratio:g}" if args.warmup_ratio else "")
-          + f"), torch threads {torch.get_num_threads()}", flush=True)
+          + f"), torch threads {threads} ({why})", flush=True)
     results: List[RunResult] = []
     try:
         for i, cfg in enumerate(configs, start=1):
+            if i > 1 and not args.threads:  # the load may have changed since the last run
+                threads, why = choose_threads(None)
+                if threads != torch.get_num_threads():
+                    print(f"torch threads now {threads} ({why})", flush=True)
+                    torch.set_num_threads(threads)
             label = f"[{i}/{len(configs)}] {cfg.optimizer} lr={cfg.lr:g} seed={cfg.seed}"
             if cfg.optimizer in ("altlora", "altloraplus"):
                 label += f" {cfg.schedule}/{cfg.order}"
