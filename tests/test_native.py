@@ -1,6 +1,7 @@
-"""The native (C++) backend: against the float64 oracle, its damping ladder, and its absence.
+"""The native (C++) backend: wide layers, its damping ladder, the kernel call, and its absence.
 
-The extension is compiled once per machine and source version (tens of seconds the first time,
+The oracle matrix and the edge cases every backend shares run in test_oracle.py (the ``backend``
+fixture of conftest.py includes native when it is built). The extension is compiled once per machine and source version (tens of seconds the first time,
 then loaded from the cache); every test that needs it shares the module-scoped ``extension``
 fixture. Without a C++ compiler those tests skip, and the fallback tests still run: they
 simulate a missing compiler (or a failing build) on any machine.
@@ -20,8 +21,7 @@ import altlora_kernels as K
 from altlora_kernels import native_phase_update as native
 from altlora_kernels.cholesky import ABSOLUTE_FLOOR, ESCALATION, damping_ladder
 from altlora_kernels.torch_phase_update import phase_update_torch
-from problems import Problem, compare_with_oracle
-from test_oracle import CASES, make, run_against_oracle
+from problems import Problem, run_against_oracle
 
 CPU = torch.device("cpu")
 
@@ -37,16 +37,7 @@ def extension():
     return module
 
 
-# ------------------------------------------------------------------ against the float64 oracle
-
-
-@pytest.mark.parametrize("variant,schedule,order,switch_every", CASES)
-def test_matches_float64_oracle(extension, variant, schedule, order, switch_every):
-    prob, pairs, opt, _ = run_against_oracle(variant, schedule, order, switch_every, backend="native")
-    assert opt._backend == "native"
-    before = sum(prob.loss(i, A, B, s) for i, (A, B, s) in enumerate(prob.init))
-    after = sum(prob.loss(i, p.A, p.B, p.scaling) for i, p in enumerate(pairs))
-    assert after < 0.6 * before
+# ------------------------------------------------------------------ wide layers against the float64 oracle
 
 
 # Wider than one column chunk (r=8: 2048 columns, r=3: 5376) and not a multiple of a tile, so
@@ -68,53 +59,6 @@ def threads(request):
 @pytest.mark.parametrize("variant,schedule", [("AltLoRA", "sequential"), ("AltLoRAPlus", "alternate")])
 def test_wide_layers_split_over_chunks_match_oracle(extension, threads, variant, schedule):
     run_against_oracle(variant, schedule, "BA", 1, steps=8, layers=WIDE_LAYERS, backend="native")
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("variant,schedule", [("AltLoRA", "alternate"), ("AltLoRAPlus", "alternate"),
-                                              ("AltLoRA", "sequential")])
-def test_half_precision_parameters_match_rounded_oracle(extension, variant, schedule, dtype):
-    # As in test_oracle: the oracle rounds every written factor to the parameter dtype; fp32 vs
-    # float64 arithmetic can round a value to the neighbouring representable number.
-    run_against_oracle(variant, schedule, "BA", 1, steps=10, tol=3e-2, dtype=dtype, param_dtype=dtype,
-                       backend="native")
-
-
-def test_zero_B_with_zero_damping_stays_finite_and_matches_oracle(extension):
-    # Order AB: the first phase is an A phase with B = 0, so BᵀB = 0 takes the ladder's last rung
-    # (and ∇A = 0); the B phases that follow start from B = 0 too.
-    prob = Problem(seed=5, zero_B=True)
-    pairs = prob.pairs()
-    opt, orc = make("AltLoRA", pairs, prob, schedule="alternate", order="AB", damping=0.0, weight_decay=0.0,
-                    backend="native")
-    for t in range(8):
-        prob.set_grads(t, pairs)
-        grads = prob.oracle_grads(t, orc)
-        opt.step()
-        orc.step(grads)
-        for p in pairs:
-            assert torch.isfinite(p.A).all() and torch.isfinite(p.B).all()
-        compare_with_oracle(opt, pairs, orc, 1e-4, where=f"step {t}")
-
-
-def test_rank_deficient_factor_with_zero_damping_escalates_like_the_oracle(extension):
-    layers = [(3, 7, 5, 6.0), (8, 13, 17, 16.0)]
-    prob = Problem(layers, seed=3)
-    for i, (A, B, s) in enumerate(prob.init):
-        gen = torch.Generator().manual_seed(i)
-        u = torch.randn(B.shape[0], 1, generator=gen, dtype=torch.float64)
-        v = torch.randn(1, B.shape[1], generator=gen, dtype=torch.float64)
-        prob.init[i] = (A, u @ v, s)
-    pairs = prob.pairs()
-    opt, orc = make("AltLoRA", pairs, prob, schedule="alternate", order="AB", damping=0.0, weight_decay=0.0,
-                    backend="native")
-    prob.set_grads(0, pairs)
-    grads = prob.oracle_grads(0, orc)
-    opt.step()
-    orc.step(grads)
-    # Same tolerances as the torch backend's test (test_oracle.py): in the null directions of BᵀB
-    # the exact ∇A is zero and fp32 rounding is amplified by the escalated damping.
-    compare_with_oracle(opt, pairs, orc, 1e-4, where="A phase with rank-1 B", moment_tol=2e-2)
 
 
 # ------------------------------------------------------------------ the damping ladder
@@ -267,55 +211,6 @@ def test_bad_input_raises_value_error_naming_it(extension):
         native.phase_update([g], HP)
     with pytest.raises(ValueError, match="variance is required"):
         native.phase_update([_factor_group()], K.PhaseHyperParams(**{**HP.__dict__, "adaptive": True}))
-
-
-# ------------------------------------------------------------------ non-finite gradients
-
-
-def _nan_grads(pairs, factors="B"):
-    for f in factors:
-        getattr(pairs[1], f).grad[0, 0] = float("nan")
-
-
-def test_nonfinite_raise_changes_nothing(extension):
-    prob = Problem()
-    pairs = prob.pairs()
-    opt, _ = make("AltLoRAPlus", pairs, prob, schedule="sequential", order="BA", backend="native")
-    prob.set_grads(0, pairs)
-    opt.step()
-    prob.set_grads(1, pairs)
-    _nan_grads(pairs)
-    params = [t.clone() for p in pairs for t in (p.A, p.B)]
-    state = {id(t): {k: v.clone() for k, v in opt.state[t].items()} for p in pairs for t in (p.A, p.B)}
-    with pytest.raises(FloatingPointError, match="layer1.lora_B"):
-        opt.step()
-    for old, t in zip(params, [t for p in pairs for t in (p.A, p.B)]):
-        assert torch.equal(old, t)
-        for k, v in opt.state[t].items():
-            assert torch.equal(state[id(t)][k], v), k
-
-
-@pytest.mark.parametrize("variant", ["AltLoRA", "AltLoRAPlus"])
-def test_nonfinite_skip_equals_the_torch_backend(extension, variant):
-    # A skipped step leaves everything as it was, on the device; the runs stay equal after it.
-    runs = {}
-    for backend in ("native", "torch"):
-        prob = Problem(seed=2)
-        pairs = prob.pairs()
-        opt, _ = make(variant, pairs, prob, schedule="alternate", order="BA", backend=backend, nonfinite="skip")
-        for t in range(7):
-            prob.set_grads(t, pairs)
-            if t == 3:
-                _nan_grads(pairs, "AB")  # whichever phase step 3 runs consumes a NaN
-            opt.step()
-        runs[backend] = (pairs, opt)
-    (pairs_n, opt_n), (pairs_t, opt_t) = runs["native"], runs["torch"]
-    assert opt_n.skipped_steps == opt_t.skipped_steps == 1
-    for pn, pt in zip(pairs_n, pairs_t):
-        for a, b in ((pn.A, pt.A), (pn.B, pt.B)):
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-            for key, value in opt_t.state[b].items():
-                torch.testing.assert_close(opt_n.state[a][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
 # ------------------------------------------------------------------ built or not: auto, explicit, no compiler

@@ -1,11 +1,13 @@
-"""The triton backend against the float64 oracle, in Triton's CPU interpreter (and on CUDA when present).
+"""The triton backend: larger ranks, launches, work tables and the factor kernel, in Triton's CPU
+interpreter, and against the float64 oracle on CUDA when present.
 
-CPU tests set ``TRITON_INTERPRET=1`` for themselves only (a fixture), so the rest of the suite still
-sees the interpreter off. Shapes are tiny and odd: the interpreter runs every program in Python.
+The oracle matrix and the edge cases every backend shares run in test_oracle.py (the ``backend``
+fixture of conftest.py includes triton in the interpreter). CPU tests here set
+``TRITON_INTERPRET=1`` for themselves only (a fixture), so the rest of the suite still sees the
+interpreter off. Shapes are tiny and odd: the interpreter runs every program in Python.
 """
 
 import inspect
-import itertools
 import shutil
 import sys
 
@@ -13,9 +15,8 @@ import pytest
 import torch
 
 import altlora
-import altlora_kernels.triton_phase_tables as work_table
-from problems import Problem, compare_with_oracle
-from test_oracle import make, run_against_oracle
+import altlora_kernels.triton_phase_tables as tables
+from problems import CASES, SMALL_LAYERS, Problem, compare_with_oracle, make, params_and_state, run_against_oracle
 
 triton = pytest.importorskip("triton", reason="the triton backend needs the 'triton' package")
 
@@ -28,31 +29,7 @@ CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 STEPS = 30
-# Odd shapes; r ∈ {1, 3} in the schedule matrix (the interpreter is slow), larger ranks apart.
-SMALL_LAYERS = [(3, 7, 5, 6.0), (1, 9, 11, 2.0)]
 RANK_LAYERS = [(8, 13, 17, 16.0), (16, 21, 19, 8.0), (33, 37, 41, 40.0)]  # padded to 16, 16, 64
-CASES = [
-    (variant, schedule, order, switch_every)
-    for variant, schedule, order in itertools.product(("AltLoRA", "AltLoRAPlus"), ("alternate", "sequential", "joint"), ("BA", "AB"))
-    for switch_every in ((1, 3) if schedule == "alternate" else (1,))
-]
-
-
-@pytest.fixture
-def interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    work_table.clear_cache()
-    yield
-    work_table.clear_cache()
-
-
-def _state_and_params(pairs, opt):
-    out = []
-    for p in pairs:
-        out += [p.A.detach().clone(), p.B.detach().clone()]
-        for t in (p.A, p.B):
-            out += [v.clone() for v in opt.state[t].values()]
-    return out
 
 
 # ----------------------------------------------------------------------------- availability
@@ -70,85 +47,13 @@ def test_available_on_cpu_with_interpreter(interpreter):
     assert triton_phase_update.unavailable_reason(torch.device("cpu")) is None
 
 
-# ----------------------------------------------------------------------------- the oracle
-@pytest.mark.parametrize("variant,schedule,order,switch_every", CASES)
-def test_matches_float64_oracle(interpreter, variant, schedule, order, switch_every):
-    run_against_oracle(variant, schedule, order, switch_every, steps=STEPS, layers=SMALL_LAYERS, backend="triton")
-
-
+# ----------------------------------------------------------------------------- larger ranks against the oracle
 @pytest.mark.parametrize("variant,order,layers", [
     ("AltLoRA", "AB", [(8, 13, 17, 16.0), (16, 21, 19, 8.0)]),  # both padded to 16: one bucket
     ("AltLoRAPlus", "BA", [(33, 37, 41, 40.0)]),  # padded to 64
 ])
 def test_larger_ranks_match_float64_oracle(interpreter, variant, order, layers):
     run_against_oracle(variant, "alternate", order, 1, steps=STEPS, layers=layers, backend="triton")
-
-
-@pytest.mark.parametrize("variant,dtype", [("AltLoRA", torch.bfloat16), ("AltLoRAPlus", torch.bfloat16), ("AltLoRAPlus", torch.float16)])
-def test_half_precision_parameters_match_rounded_oracle(interpreter, variant, dtype):
-    # Written back in the parameters' dtype (fp32 math); the oracle rounds the same way, and fp32 vs
-    # float64 can round a value to the neighbouring bf16/fp16 number, hence the tolerance (a
-    # truncating bf16 cast, as Triton's interpreter does, exceeds it).
-    tol = 1e-2 if dtype == torch.bfloat16 else 5e-3
-    _, pairs, opt, _ = run_against_oracle(variant, "alternate", "BA", 1, steps=10, tol=tol, layers=SMALL_LAYERS + RANK_LAYERS[:1],
-                                          dtype=dtype, param_dtype=dtype, backend="triton")
-    assert all(p.A.dtype == dtype and p.B.dtype == dtype for p in pairs)
-    assert all(opt.state[p.A]["momentum"].dtype == torch.float32 for p in pairs)
-
-
-@pytest.mark.parametrize("order", ["BA", "AB"])
-def test_zero_factor_with_zero_damping(interpreter, order):
-    # B = 0 and λ = 0: BᵀB = 0 is escalated to the last rung; nothing may become NaN or Inf.
-    prob = Problem(SMALL_LAYERS + RANK_LAYERS[:1], seed=2, zero_B=True)
-    pairs = prob.pairs()
-    opt, orc = make("AltLoRA", pairs, prob, schedule="alternate", order=order, damping=0.0, weight_decay=0.0, backend="triton")
-    for t in range(6):
-        prob.set_grads(t, pairs)
-        grads = prob.oracle_grads(t, orc)
-        opt.step()
-        orc.step(grads)
-        assert all(bool(torch.isfinite(x).all()) for x in _state_and_params(pairs, opt))
-        # Like the torch backend's rank-deficient test: escalated damping amplifies fp32 rounding in
-        # the null space of a singular Gram, so the moments get a looser bound than the parameters.
-        compare_with_oracle(opt, pairs, orc, 1e-4, where=f"step {t}", moment_tol=2e-2)
-
-
-# ----------------------------------------------------------------------------- non-finite gradients
-def test_nonfinite_raise_changes_nothing(interpreter):
-    prob = Problem(SMALL_LAYERS, seed=1)
-    pairs = prob.pairs()
-    opt = altlora.AltLoRA(pairs, lr=0.05, damping=1e-3, backend="triton")
-    prob.set_grads(0, pairs)
-    opt.step()
-    before = _state_and_params(pairs, opt)
-    prob.set_grads(1, pairs)
-    pairs[1].A.grad[0, 2] = float("nan")
-    with pytest.raises(FloatingPointError, match="layer1.lora_A"):
-        opt.step()
-    assert all(torch.equal(a, b) for a, b in zip(before, _state_and_params(pairs, opt)))
-
-
-@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter computes with the NaN, then drops it
-@pytest.mark.parametrize("variant", ["AltLoRA", "AltLoRAPlus"])
-def test_nonfinite_skip_is_a_no_op_and_matches_the_torch_backend(interpreter, variant):
-    prob = Problem(SMALL_LAYERS, seed=5)
-    runs = {}
-    for backend in ("torch", "triton"):
-        pairs = prob.pairs()
-        opt, _ = make(variant, pairs, prob, schedule="sequential", order="BA", backend=backend, nonfinite="skip")
-        for t in range(4):
-            prob.set_grads(t, pairs)
-            if t == 2:
-                before = _state_and_params(pairs, opt)
-                pairs[0].B.grad[1, 0] = float("inf")
-            opt.step()
-            if t == 2:
-                after = _state_and_params(pairs, opt)
-                assert all(torch.equal(a, b) for a, b in zip(before, after)), "a skipped step changed something"
-        assert opt.skipped_steps == 1
-        runs[backend] = _state_and_params(pairs, opt)
-    for got, want in zip(runs["triton"], runs["torch"]):
-        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- launches
@@ -192,9 +97,9 @@ def test_launches_per_step_do_not_depend_on_the_layer_count(interpreter, monkeyp
 def test_identical_runs_give_identical_bits(interpreter):
     results = []
     for _ in range(2):
-        work_table.clear_cache()
+        tables.clear_cache()
         _, pairs, opt, _ = run_against_oracle("AltLoRAPlus", "sequential", "BA", 1, steps=3, layers=SMALL_LAYERS, backend="triton")
-        results.append(_state_and_params(pairs, opt))
+        results.append(params_and_state(pairs, opt))
     assert all(torch.equal(a, b) for a, b in zip(*results))
 
 
@@ -203,8 +108,8 @@ def test_identical_runs_give_identical_bits(interpreter):
 def test_several_chunks_and_tiles_per_layer(interpreter, monkeypatch, columns_per_rank):
     # Chunks of one 32-column tile or of two: a layer spans several chunks (whose Gram partials
     # the reduce kernel sums) and a chunk several tiles (summed in the update kernel).
-    monkeypatch.setattr(work_table, "MIN_CHUNK_COLUMNS_PER_RANK", columns_per_rank)
-    assert work_table.tile_shape(16) == (32, 32 if columns_per_rank == 1 else 64)
+    monkeypatch.setattr(tables, "MIN_CHUNK_COLUMNS_PER_RANK", columns_per_rank)
+    assert tables.tile_shape(16) == (32, 32 if columns_per_rank == 1 else 64)
     run_against_oracle("AltLoRAPlus", "alternate", "AB", 3, steps=5, layers=[(3, 71, 45, 6.0), (5, 97, 33, 10.0)], backend="triton")
 
 
@@ -224,7 +129,7 @@ def test_pointers_from_memory_reach_separate_and_strided_tensors(interpreter):
         for t in range(3):
             prob.set_grads(t, pairs)
             opt.step()
-        results[backend] = _state_and_params(pairs, opt)
+        results[backend] = params_and_state(pairs, opt)
     for got, want in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -236,12 +141,12 @@ def test_tables_are_rebuilt_only_when_storage_changes(interpreter):
     for t in range(4):
         prob.set_grads(t, pairs)  # fresh gradient tensors every step, as zero_grad(set_to_none=True)
         opt.step()
-    assert len(work_table._CACHE) == 2  # one table per phase (A, B), reused
+    assert len(tables._CACHE) == 2  # one table per phase (A, B), reused
     with torch.no_grad():
         pairs[0].B.data = pairs[0].B.detach().clone()  # new storage, same values
     prob.set_grads(4, pairs)
     opt.step()  # a B phase: its table points at the new storage
-    assert len(work_table._CACHE) == 3
+    assert len(tables._CACHE) == 3
     assert float(opt.state[pairs[0].A]["step"]) == 2 and float(opt.state[pairs[0].B]["step"]) == 3
 
 
@@ -250,7 +155,7 @@ def test_ranks_above_the_kernels_go_to_the_torch_backend(interpreter):
     runs = {}
     for backend in ("torch", "triton"):
         _, pairs, opt, _ = run_against_oracle("AltLoRA", "alternate", "BA", 1, steps=2, layers=layers, backend=backend)
-        runs[backend] = _state_and_params(pairs, opt)
+        runs[backend] = params_and_state(pairs, opt)
     for got, want in zip(runs["triton"], runs["torch"]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
@@ -332,7 +237,7 @@ def test_cuda_every_kernel_compiles_and_matches_torch(r, dtype):
         for t in range(3):
             _set_cuda_grads(prob, t, pairs)
             opt.step()
-        runs[backend] = _state_and_params(pairs, opt)
+        runs[backend] = params_and_state(pairs, opt)
     tol = dict(rtol=1e-3, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-3)
     for got, want in zip(runs["triton"], runs["torch"]):
         torch.testing.assert_close(got.float(), want.float(), **tol)
@@ -367,7 +272,7 @@ def test_every_kernel_builds_for_sm90(monkeypatch):
     from triton.compiler import ASTSource
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    work_table.clear_cache()
+    tables.clear_cache()
     seen = set()
     for r in (4, 8, 16, 64, 128):
         # Every constexpr switch on at each rank, and the plain fp32 A phase once.
@@ -391,7 +296,7 @@ def test_every_kernel_builds_for_sm90(monkeypatch):
                 source = ASTSource(fn=launch.kernel.get(), signature=_signature(launch), constexprs=dict(launch.constexprs))
                 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": launch.num_warps})
                 assert compiled.asm["cubin"], key
-    work_table.clear_cache()
+    tables.clear_cache()
     assert {k[0] for k in seen} == {"_factor_kernel", "_update_kernel", "_reduce_kernel"}
 
 
