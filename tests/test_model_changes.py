@@ -151,9 +151,8 @@ def test_rebuild_refused_where_it_is_not_sound():
     # Sharded (FSDP2) groups cannot be rebuilt mid-run: a clear error, not a silent no-op.
     prob, model, opt = _build("torch")
     _steps(prob, model, opt, 0, 2)
-    for groups in opt._pair_groups.values():
-        for pg in groups:
-            pg.rebuild_allowed = False
+    for pg in opt._lora:
+        pg.rebuild_allowed = False
     model.to(torch.float64)
     prob.set_grads(2, model.pairs)
     with pytest.raises(RuntimeError, match="changed dtype or device after the optimizer was built.*build the optimizer"):

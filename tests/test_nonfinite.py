@@ -12,12 +12,12 @@ import altlora
 from problems import Problem, layers_for
 
 
-def _setup(backend, variant, nonfinite):
+def _setup(backend, variant, nonfinite, schedule="alternate"):
     prob = Problem(layers_for(backend), seed=1)
     pairs = prob.pairs()
     head = nn.Parameter(torch.randn(3, generator=torch.Generator().manual_seed(0)))
     cls = getattr(altlora, variant)
-    opt = cls([{"pairs": pairs, "params": [head]}], lr=0.01, nonfinite=nonfinite, backend=backend)
+    opt = cls([{"pairs": pairs, "params": [head]}], lr=0.01, nonfinite=nonfinite, backend=backend, schedule=schedule)
     for t in range(3):
         prob.set_grads(t, pairs)
         head.grad = torch.full((3,), 0.1 * (t + 1))
@@ -33,7 +33,7 @@ def _everything(pairs, head, opt):
 def _poison(prob, pairs, head, opt, where):
     prob.set_grads(3, pairs)
     head.grad = torch.full((3,), 0.4)
-    phase = opt.active_factor  # "alternate": one factor per step
+    phase = opt.active_factor[0]  # "alternate": one factor per step
     other = "A" if phase == "B" else "B"
     target = {"phase": getattr(pairs[-1], phase), "other": getattr(pairs[-1], other), "head": head}[where]
     target.grad.view(-1)[1] = float("nan") if where != "head" else float("inf")
@@ -42,8 +42,9 @@ def _poison(prob, pairs, head, opt, where):
 
 @pytest.mark.parametrize("variant", ["AltLoRA", "AltLoRAPlus"])
 @pytest.mark.parametrize("where", ["phase", "other", "head"])
-def test_raise_names_the_parameter_and_changes_nothing(backend, variant, where):
-    prob, pairs, head, opt = _setup(backend, variant, "raise")
+@pytest.mark.parametrize("schedule", ["alternate", "sequential"])
+def test_raise_names_the_parameter_and_changes_nothing(backend, variant, where, schedule):
+    prob, pairs, head, opt = _setup(backend, variant, "raise", schedule)
     before = _everything(pairs, head, opt)
     _poison(prob, pairs, head, opt, where)
     name = r"param_groups\[1\]\['params'\]\[0\]" if where == "head" else rf"layer{len(pairs) - 1}\.lora_[AB]"

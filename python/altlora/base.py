@@ -22,13 +22,13 @@ from torch.optim import Optimizer
 import altlora_kernels as K
 
 from . import checkpoint as C
-from .coordinator import Coordinator, coordinator_for
-from .deepspeed_guard import check_lora_params_in_place, check_no_zero3_parameters
+from .deepspeed_guard import check_no_zero3_parameters
+from .lora_groups import LoRAGroups
 from .options import NONFINITE_MODES, Options
 from .other_params import adamw_group_step, check_loaded, follow_params
 from .pairs import LoRAPair
 from .param_groups import ADAMW, KIND, Admission, collect_param_groups
-from .state import CROSS_GRAM, FACTORS, GRAM, PairGroup
+from .state import CROSS_GRAM, GRAM
 from .variants import Variant
 
 __all__ = ["AltLoRAOptimizerBase", "NONFINITE_MODES"]
@@ -53,18 +53,14 @@ class AltLoRAOptimizerBase(Optimizer):
         self.freeze_inactive = self.options.freeze_inactive
         self.backend_name = self.options.backend
         self._admission = Admission(variant, self.options, hparams)
-        self._coordinator: Coordinator = Coordinator()
-        self._pair_groups: Dict[int, List[PairGroup]] = {}
-        # id()s of each LoRA group's factors, fixed at construction: step() checks that the group
-        # still holds them (engines such as DeepSpeed ZeRO swap parameters under the optimizer).
-        self._factor_ids: Dict[int, List[int]] = {}
+        self._lora = LoRAGroups(self.backend_name, self.schedule, self._admission.names)
         self._step_index = 0
         self._skipped: Optional[torch.Tensor] = None
-        self._coordinator.check_step(self.freeze_inactive)
+        self._lora.coordinator.check_step(self.freeze_inactive)
         if isinstance(params, nn.Module):
             check_no_zero3_parameters(params.named_parameters())
         super().__init__(collect_param_groups(params, self._admission.names), hparams)
-        if not self._pair_groups:
+        if not self._lora.by_index:
             # E.g. transformers.Trainer's optimizer_cls_and_kwargs=(AltLoRA, {...}): plain groups.
             raise ValueError(
                 "params: no LoRA pairs among the param groups, only plain parameters, so AltLoRA cannot tell "
@@ -79,38 +75,22 @@ class AltLoRAOptimizerBase(Optimizer):
         for group, pairs in self._admission.admit(param_group, self.param_groups):
             index = len(self.param_groups)
             if pairs is not None:
-                self._coordinator = coordinator_for(pairs, self._coordinator)
-                self._pair_groups[index] = self._with_backends(index, self._coordinator.make_groups(pairs, self.schedule))
-                self._factor_ids[index] = [id(t) for t in group["params"]]
+                self._lora.add(index, pairs, group["params"])
             self.param_groups.append(group)
-
-    def _with_backends(self, index: int, groups: List[PairGroup]) -> List[PairGroup]:
-        """Each pair group gets the backend that runs its dtype and device: ``auto``'s choice, or
-        the named one, which must be able to (``RuntimeError`` naming the group and why)."""
-        for pg in groups:
-            try:
-                pg.backend = K.resolve_backend(self.backend_name, pg.device, pg.param_dtype)
-            except RuntimeError as err:
-                more = f" and {len(pg) - 1} more layer(s)" if len(pg) > 1 else ""
-                raise RuntimeError(
-                    f"param_groups[{index}] ({pg.pairs[0].name or 'pair 0'}{more}: {str(pg.param_dtype).replace('torch.', '')} "
-                    f"on {pg.device}): {err}"
-                ) from None
-        return groups
 
     def pairs(self) -> List[LoRAPair]:
         """Every LoRA pair this optimizer trains, in param-group order."""
-        return [pair for i in sorted(self._pair_groups) for pg in self._pair_groups[i] for pair in pg.pairs]
+        return self._lora.pairs()
 
     @property
-    def backends(self) -> Dict[str, List[str]]:
+    def backends(self) -> Dict[str, str]:
         """The concrete backend of every LoRA layer, by layer name."""
-        return {pair.name: pg.backend for groups in self._pair_groups.values() for pg in groups for pair in pg.pairs}
+        return {pair.name: pg.backend for pg in self._lora for pair in pg.pairs}
 
     @property
     def _backend(self) -> str:
         """The one backend every layer uses (or ``"mixed"``)."""
-        names = {pg.backend for groups in self._pair_groups.values() for pg in groups}
+        names = {pg.backend for pg in self._lora}
         return names.pop() if len(names) == 1 else "mixed"
 
     # ------------------------------------------------------------------ schedule
@@ -144,12 +124,13 @@ class AltLoRAOptimizerBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()
-        self._follow_moved_params()
+        self._lora.follow_moved(self.state, self.variant.state_keys)
+        follow_params([p for g in self.param_groups if g[KIND] == ADAMW for p in g["params"]], self.state)
         work, others = self._gather()
         if work is None:
             return loss
         found_inf, modified = self._agree(work, others)
-        self._coordinator.refresh(work, modified, self.variant.state_keys, self.state)
+        self._lora.coordinator.refresh(work, modified, self.variant.state_keys, self.state)
         phases = self.schedule.phases(self._step_index)
         start = self._start_values(work, phases[0]) if self.schedule.reads_start_values else {}
         for position, factor in enumerate(phases):
@@ -157,48 +138,21 @@ class AltLoRAOptimizerBase(Optimizer):
                 for _, pg, _ in work:
                     pg.take_snapshot(factor, self.state)
             readings = start if position == 1 else {}
-            self._coordinator.phase(work, factor, found_inf, lambda: self._phase(work, factor, found_inf, readings))
+            self._lora.coordinator.phase(work, factor, found_inf, lambda: self._phase(work, factor, found_inf, readings))
             if self.schedule.ends_run(self._step_index):
                 for _, pg, _ in work:
                     pg.drop_snapshot(factor, self.state)
         for index, params in others:
-            adamw_group_step(self.param_groups[index], params, self.state, found_inf, self._coordinator.local)
+            adamw_group_step(self.param_groups[index], params, self.state, found_inf, self._lora.coordinator.local)
         self._advance(work, found_inf)
         return loss
 
     def _check_groups(self) -> None:
         """Hyper-parameters (schedulers write them), and engines that swapped the factors out."""
-        self._coordinator.check_step(self.freeze_inactive)
+        self._lora.coordinator.check_step(self.freeze_inactive)
         for index, group in enumerate(self.param_groups):
             self._admission.check(group, index)
-            if index in self._pair_groups:
-                # DeepSpeed ZeRO-1/2 (or accelerate's FSDP2 preparation) swap in other tensors.
-                check_lora_params_in_place(index, group["params"], self._factor_ids[index])
-
-    def _follow_moved_params(self) -> None:
-        """A factor with a new storage, dtype or device (``model.to(...)``, ``p.data = ...``) gets
-        its group rebuilt on the new tensors, the state converted (``state.py``, precision)."""
-        for index, groups in self._pair_groups.items():
-            if any(pg.current_identity() != pg.identity for pg in groups):
-                self._rebuild(index, groups)
-        for group in self.param_groups:
-            if group[KIND] == ADAMW:
-                follow_params(group["params"], self.state)
-
-    def _rebuild(self, index: int, old: List[PairGroup]) -> None:
-        blocked = next((pg for pg in old if not pg.rebuild_allowed), None)
-        if blocked is not None:
-            raise RuntimeError(
-                f"param_groups[{index}] ({blocked.pairs[0].name}): a LoRA factor changed dtype or device after the "
-                f"optimizer was built; with sharded (FSDP2) factors this cannot be followed mid-run. Cast or move "
-                f"the model first, then build the optimizer."
-            )
-        fresh = self._with_backends(index, self._coordinator.make_groups([p for pg in old for p in pg.pairs], self.schedule))
-        for pg in fresh:
-            if all(self.state.get(p) for f in FACTORS for p in pg.params[f]):
-                pg.load(self.state, self.variant.state_keys, self._admission.names)
-                pg.carry_seen(old)
-        self._pair_groups[index] = fresh
+        self._lora.check_in_place(self.param_groups)
 
     def _gather(self):
         """``(work, others)``: the LoRA work (``coordinator.py``) of this step's phases and, per
@@ -218,14 +172,14 @@ class AltLoRAOptimizerBase(Optimizer):
                 params = [p for p in group["params"] if p.grad is not None]
                 others += [(index, params)] if params else []
                 continue
-            for pg in self._pair_groups[index]:
+            for pg in self._lora.by_index[index]:
                 grads = {f: [None if p.grad is None else pg.grad_matrix(f, i, p.grad) for i, p in enumerate(pg.params[f])]
                          for f in factors}
                 missing += [(grads[f], i, m) for f in factors for i, m in enumerate(pg.matrices[f]) if grads[f][i] is None]
                 work.append((index, pg, grads))
         if not others and len(missing) == sum(len(pg) for _, pg, _ in work) * len(factors):
             return None, None
-        self._coordinator.gather(work)  # e.g. FSDP2 factors sharded along r: full factors and gradients
+        self._lora.coordinator.gather(work)  # e.g. FSDP2 factors sharded along r: full factors and gradients
         for views, i, m in missing:
             views[i] = torch.zeros(m.shape, dtype=m.dtype, device=m.device)
         return work, others
@@ -234,9 +188,9 @@ class AltLoRAOptimizerBase(Optimizer):
         """The non-finite flag over every gradient the step was given (both factors of every pair
         and the AdamW groups, as ``GradScaler`` checks), agreed between processes; raises under
         ``nonfinite="raise"``. Also which factors changed outside the optimizer."""
-        local = self._coordinator.local
+        local = self._lora.coordinator.local
         given = [(p, local(p.grad)) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        found_inf, modified = self._coordinator.agree(work, K.nonfinite_flag([g for _, g in given]))
+        found_inf, modified = self._lora.coordinator.agree(work, K.nonfinite_flag([g for _, g in given]))
         if self.nonfinite == "raise":
             if found_inf is not None and bool(found_inf.item()):
                 bad = next((p for p, g in given if not bool(torch.isfinite(g).all())), None)
@@ -294,18 +248,10 @@ class AltLoRAOptimizerBase(Optimizer):
             for p in group["params"] if group[KIND] == ADAMW else ():
                 if new_state.get(p):
                     check_loaded(p, new_state[p], self._admission.display(p))
-        rebuilt = {}  # into fresh groups, so that a failure leaves us unchanged
-        for index, groups in self._pair_groups.items():
-            rebuilt[index] = self._with_backends(index, self._coordinator.make_groups([p for pg in groups for p in pg.pairs], self.schedule))
-            for pg in rebuilt[index]:
-                with_state = [bool(new_state.get(p)) for f in FACTORS for p in pg.params[f]]
-                if all(with_state):
-                    pg.load(new_state, self.variant.state_keys, self._admission.names)
-                elif any(with_state):
-                    raise ValueError(f"state_dict has state for only some factors of {pg.pairs[0].name} and its group")
+        rebuilt = self._lora.loaded(new_state, self.variant.state_keys)
         C.restore_hparams(state_dict, self.param_groups)
         self.state = new_state
-        self._pair_groups = rebuilt
+        self._lora.by_index = rebuilt
         self._step_index = int(extra["step_index"])
         live = self.schedule.factor_in_run(self._step_index)
         for pg in (pg for groups in rebuilt.values() for pg in groups if pg.initialized):
