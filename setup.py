@@ -1,6 +1,8 @@
 """Installs ``altlora`` (python/altlora) and ``altlora_kernels`` (the compute layer).
 
-The native extension in csrc/ is optional and not built yet (see csrc/README.md).
+The native backend's C++ sources (csrc/) are not compiled at install time: they are installed
+with the package and compiled on first use, or ahead with
+``python -m altlora_kernels.native_phase_update`` (see csrc/README.md).
 """
 
 from setuptools import setup

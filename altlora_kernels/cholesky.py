@@ -1,8 +1,9 @@
 """Damped Cholesky factorization of a batch of small r×r Gram matrices.
 
 Every AltLoRA phase needs ``P = (G + λI)⁻¹`` for the Gram ``G`` of the factor that is held
-fixed (``AAᵀ`` in a B phase, ``BᵀB`` in an A phase). We never form ``P``: we factor
-``G + λI = LLᵀ`` and apply ``P`` with ``torch.cholesky_solve``.
+fixed (``AAᵀ`` in a B phase, ``BᵀB`` in an A phase). ``P`` is always formed from the Cholesky
+factor ``L`` of the *damped* Gram ``G + λ_eff·I = LLᵀ`` (the backends take ``cholesky_inverse(L)``
+or ``Z = L⁻¹``, ``P = ZᵀZ``), never by inverting a raw Gram; this module chooses ``λ_eff``.
 
 A shifted Gram counts as numerically positive definite when its Cholesky factorization succeeds
 and every pivot satisfies ``L_jj² ≥ PIVOT_FLOOR · μ`` with ``μ = tr(G)/r`` (the mean eigenvalue).

@@ -30,7 +30,8 @@ class FactorGroup:
 
     ``params``/``grads`` are 2-D tensors as stored (A: ``(r, d)``; B: ``(k, r)``) and
     ``transposed`` says whether the row form is their transpose (True for B). The state buffers
-    are stacked ``(L, *param_shape)`` float32 tensors updated in place; r×r matrices are
+    are stacked ``(L, *param_shape)`` tensors in the state dtype (``promote_types(param dtype,
+    float32)``) updated in place, ``snapshot`` in the parameters' dtype; r×r matrices are
     ``(L, r, r)`` in row form (see ``torch_phase_update.py``).
     """
 

@@ -14,7 +14,7 @@ Cases: on CUDA, Llama-3-8B-shaped adapters (32 layers × q, k, v, o; q/o 4096→
 at r ∈ {8, 32, 128}; on the CPU, 64 layers of 384×384 at r = 8 (MiniLM width, many small layers) and
 a mixed MiniLM-shaped set (6 blocks × q, k, v, o 384→384, up 384→1536, down 1536→384, r = 8).
 
-Columns: ``bytes`` is the byte floor of one step (DESIGN.md §4): an AltLoRA phase reads the
+Columns: ``bytes`` is the byte floor of one step (docs/kernels.md): an AltLoRA phase reads the
 gradient, the momentum and the factor and writes the last two (AltLoRA+ also reads and writes V):
 5 (7) × numel × 4 bytes in fp32, averaged over the B and A phases of an alternating step; AdamW
 reads the gradient, m, v and the parameter of every A and B and writes all but the gradient

@@ -4,8 +4,8 @@
 this machine's CPU, so that a test written once runs for each of them:
 
 * ``torch`` always;
-* ``native`` when its library is built (``./setup.sh`` builds it; without a C++ toolchain it is
-  skipped with the reason);
+* ``native``, built first if needed (tens of seconds, once per machine and source version;
+  ``./setup.sh`` builds it ahead); skipped, with the reason, where it cannot be built;
 * ``triton`` when the package is installed, in Triton's CPU interpreter (``TRITON_INTERPRET=1`` is
   set for that test only, so the rest of the suite sees the interpreter off).
 
@@ -42,6 +42,9 @@ def backend(request):
     name = request.param
     if name == "triton":
         request.getfixturevalue("interpreter")
+    module = backends.backend_module(name)
+    if hasattr(module, "prepare"):
+        module.prepare(CPU)  # builds the native library once; a failure becomes the skip reason
     reason = backends.unavailable_reason(name, CPU)
     if reason is not None:
         pytest.skip(reason)

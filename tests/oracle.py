@@ -1,4 +1,4 @@
-"""A plain, per-layer float64 transcription of DESIGN.md §1: the oracle every backend is tested against.
+"""A plain, per-layer float64 transcription of docs/math.md: the oracle every backend is tested against.
 
 Deliberately naive: it keeps explicit copies ``A_prev`` / ``B_prev`` of the factors instead of the
 cross-Grams the optimizers keep, inverts with a Cholesky per layer, and loops over layers, so that
@@ -19,7 +19,7 @@ F64 = torch.float64
 
 
 def damped_inverse(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """(G + λI)⁻¹, λ escalated along the ladder until G + λI is numerically PD (DESIGN.md §1), in float64."""
+    """(G + λI)⁻¹, λ escalated along the ladder until G + λI is numerically PD (docs/math.md, "Damping escalation"), in float64."""
     r = gram.shape[0]
     eye = torch.eye(r, dtype=F64)
     mu = max(float(torch.trace(gram)) / r, 0.0)

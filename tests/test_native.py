@@ -1,9 +1,9 @@
 """The native (C++) backend: wide layers, its damping ladder, the kernel call, and its absence.
 
 The oracle matrix and the edge cases every backend shares run in test_oracle.py (the ``backend``
-fixture of conftest.py includes native when it is built). The extension is compiled once per machine and source version (tens of seconds the first time,
-then loaded from the cache); every test that needs it shares the module-scoped ``extension``
-fixture. Without a C++ compiler those tests skip, and the fallback tests still run: they
+fixture of conftest.py includes native). The extension is compiled once per machine and source
+version (tens of seconds the first time, then loaded from the cache); every test here that needs
+it shares the module-scoped ``extension`` fixture. Without a C++ compiler those tests skip, and the fallback tests still run: they
 simulate a missing compiler (or a failing build) on any machine.
 """
 
@@ -28,11 +28,11 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def extension():
-    reason = native.unavailable_reason(CPU)
-    if reason is not None:
-        pytest.skip(reason)
+    problem = native._toolchain_problem()
+    if problem is not None:
+        pytest.skip(f"backend='native' cannot be built here: {problem}")
     start = time.perf_counter()
-    module = native.load_extension(build=True)  # a build failure is an error here, not a skip
+    module = native.load_extension(build=True)  # with a toolchain, a failed build is an error, not a skip
     print(f"native extension ready in {time.perf_counter() - start:.1f} s: {module.__file__}")
     return module
 

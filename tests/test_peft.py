@@ -93,7 +93,7 @@ def _mean(xs):
 def test_lora_factors_alone_lower_the_loss(variant, lr, schedule):
     # Head frozen (other_lr = 0): whatever the loss does is the LoRA factors' doing.
     # (AltLoRA takes no per-element normalization: on this tiny random model ∇W is small and
-    # its good lr is large; see DESIGN.md §5 on lr scales.)
+    # its good lr is large; see the `lr` row of the README's Options table.)
     model = two_adapter_model()
     opt = variant(model, lr=lr, schedule=schedule, other_lr=0.0)
     losses = train(model, opt, 40)
