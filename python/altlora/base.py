@@ -112,6 +112,9 @@ class AltLoRAOptimizerBase(Optimizer):
                 pair.B.requires_grad_("B" in active)
 
     # ------------------------------------------------------------------ step
+    # NOTE: traced by torch.compile, the step's Python bookkeeping (the schedule position) is lost
+    # and every step repeats the first phase; run eagerly, a graph break inside a compiled region.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure=None):
         """One step: the phase(s) of the schedule for the LoRA pairs, AdamW for the rest.
