@@ -191,12 +191,12 @@ class AltLoRAOptimizerBase(Optimizer):
         """The non-finite flag over every gradient the step was given (both factors of every pair
         and the AdamW groups, as ``GradScaler`` checks), agreed between processes; raises under
         ``nonfinite="raise"``. Also which factors changed outside the optimizer."""
-        local = self._lora.coordinator.local
-        given = [(p, local(p.grad)) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        found_inf, modified = self._lora.coordinator.agree(work, K.nonfinite_flag([g for _, g in given]))
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        grads = self._lora.coordinator.local_all([p.grad for p in params])
+        found_inf, modified = self._lora.coordinator.agree(work, K.nonfinite_flag(grads))
         if self.nonfinite == "raise":
             if found_inf is not None and bool(found_inf.item()):
-                bad = next((p for p, g in given if not bool(torch.isfinite(g).all())), None)
+                bad = next((p for p, g in zip(params, grads) if not bool(torch.isfinite(g).all())), None)
                 where = "a shard held by another rank" if bad is None else self._admission.display(bad)
                 raise FloatingPointError(
                     f"non-finite gradient in {where}; nothing was updated. "

@@ -46,6 +46,9 @@ class Coordinator:
         """The part of ``t`` this process steps element-wise (AdamW, the non-finite check)."""
         return t
 
+    def local_all(self, tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+        return tensors
+
     def gather(self, work) -> None:
         """Make every factor and gradient of ``work`` whole where the phase needs it."""
 

@@ -319,10 +319,13 @@ class ShardedPairGroup(PairGroup):
         local = local_tensor(p)
         return p._version, local._version, local.data_ptr()
 
+    def _tracked_all(self, params):
+        return [self._tracked(p) for p in params]
+
     def current_identity(self):
         # FSDP swaps a shard's local tensor by itself (lazy init, load_state_dict): refresh_views
         # follows that. A new dtype or device of the DTensor is what cannot be followed here.
-        return [(p.dtype, p.device) for f in FACTORS for p in self.params[f]]
+        return [(p.dtype, p.device) for p in self._flat]
 
 
 def group_sharded_pairs(pairs: Sequence[LoRAPair], snapshot_slots: bool = False) -> List[ShardedPairGroup]:
@@ -530,6 +533,9 @@ class FSDP2Coordinator(Coordinator):
 
     def local(self, t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
         return local_tensor(t)  # AdamW is element-wise: each rank steps its own shard
+
+    def local_all(self, tensors):
+        return [local_tensor(t) for t in tensors]
 
     def gather(self, work) -> None:
         _gather_rows(work)

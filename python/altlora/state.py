@@ -72,6 +72,7 @@ class PairGroup:
         mats = [self._matrices_of(p) for p in self.pairs]
         self.matrices: Dict[str, List[torch.Tensor]] = {"A": [m[0] for m in mats], "B": [m[1] for m in mats]}
         self.params: Dict[str, List[torch.Tensor]] = {"A": [p.A for p in self.pairs], "B": [p.B for p in self.pairs]}
+        self._flat = self.params["A"] + self.params["B"]  # FACTORS × pair order
         self.rank = self.pairs[0].rank
         self.device = self.pairs[0].A.device
         self.param_dtype = self.pairs[0].A.dtype
@@ -105,9 +106,13 @@ class PairGroup:
     def _tracked(p: torch.Tensor):
         return p._version, p.data_ptr()
 
-    def current_identity(self) -> List[Tuple]:
-        """Storage, dtype and device of every factor: a change means the views are stale."""
-        return [(p.data_ptr(), p.dtype, p.device) for f in FACTORS for p in self.params[f]]
+    def _tracked_all(self, params: Sequence[torch.Tensor]) -> List:
+        return [(p._version, p.data_ptr()) for p in params]  # _tracked, inlined: it runs every step
+
+    def current_identity(self) -> List:
+        """What tells that the views are stale: every factor's storage. (A new dtype or device is a
+        new storage; the old one cannot be reused meanwhile, since our views keep it alive.)"""
+        return [p.data_ptr() for p in self._flat]
 
     def grad_matrix(self, factor: str, i: int, grad: torch.Tensor) -> torch.Tensor:
         """The gradient of ``params[factor][i]`` shaped like the matrix a phase works on."""
@@ -193,7 +198,7 @@ class PairGroup:
         """After a load: ``factor`` is in the middle of a run (its snapshot is live), or None."""
 
     def record_seen(self) -> None:
-        self._seen = {f: [self._tracked(p) for p in self.params[f]] for f in FACTORS}
+        self._seen = {f: self._tracked_all(self.params[f]) for f in FACTORS}
 
     def carry_seen(self, old: Sequence["PairGroup"]) -> None:
         """After a rebuild on new tensors: a factor with its old dtype and device (only the storage
@@ -215,7 +220,7 @@ class PairGroup:
         """Per (factor, layer), in FACTORS × pair order: was it written outside the optimizer since our last write?"""
         if self._seen is None:
             return [False] * (2 * len(self))
-        return [self._tracked(p) != self._seen[f][i] for f in FACTORS for i, p in enumerate(self.params[f])]
+        return [now != seen for now, seen in zip(self._tracked_all(self._flat), self._seen["A"] + self._seen["B"])]
 
     def phase_input(self, factor: str, grads: List[torch.Tensor], other: Optional[tuple] = None) -> K.FactorGroup:
         """The compute layer's view of one phase of ``factor``; ``other`` replaces the other
