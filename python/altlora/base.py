@@ -25,7 +25,7 @@ from . import checkpoint as C
 from .deepspeed_guard import check_no_zero3_parameters
 from .lora_groups import LoRAGroups
 from .options import NONFINITE_MODES, Options
-from .other_params import adamw_group_step, check_loaded, follow_params
+from .other_params import OtherParams, check_loaded
 from .pairs import LoRAPair
 from .param_groups import ADAMW, KIND, Admission, collect_param_groups
 from .state import CROSS_GRAM, GRAM
@@ -54,6 +54,7 @@ class AltLoRAOptimizerBase(Optimizer):
         self.backend_name = self.options.backend
         self._admission = Admission(variant, self.options, hparams)
         self._lora = LoRAGroups(self.backend_name, self.schedule, self._admission.names)
+        self._others = OtherParams()
         self._step_index = 0
         self._skipped: Optional[torch.Tensor] = None
         self._lora.coordinator.check_step(self.freeze_inactive)
@@ -128,7 +129,7 @@ class AltLoRAOptimizerBase(Optimizer):
                 loss = closure()
         self._check_groups()
         self._lora.follow_moved(self.state, self.variant.state_keys)
-        follow_params([p for g in self.param_groups if g[KIND] == ADAMW for p in g["params"]], self.state)
+        self._others.follow([p for g in self.param_groups if g[KIND] == ADAMW for p in g["params"]], self.state)
         work, others = self._gather()
         if work is None:
             return loss
@@ -146,7 +147,7 @@ class AltLoRAOptimizerBase(Optimizer):
                 for _, pg, _ in work:
                     pg.drop_snapshot(factor, self.state)
         for index, params in others:
-            adamw_group_step(self.param_groups[index], params, self.state, found_inf, self._lora.coordinator.local)
+            self._others.step(self.param_groups[index], params, self.state, found_inf, self._lora.coordinator.local_all)
         self._advance(work, found_inf)
         return loss
 
