@@ -127,6 +127,70 @@ class _Slot:
         return (tuple(A.shape), tuple(B.shape), A.dtype, B.dtype, A.device, has_A, has_B)
 
 
+def _check_number(name: str, value, low: float, high: Optional[float]) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"Invalid {name}: {value!r} (expected a finite number)")
+    if value < low or (high is not None and value >= high):
+        bounds = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"Invalid {name}: {value} (must be {bounds})")
+    return float(value)
+
+
+def _check_supported(layer: LoRALayer) -> None:
+    if layer.variant() is not None:
+        raise ValueError(
+            f"{layer.name}: MGPO does not support {layer.variant()} layers (their output is not linear in "
+            f"W0 + s·B·A, so adding x·εᵀ would not perturb the effective weight by ε)"
+        )
+    if layer.kind not in (LINEAR, EMBEDDING, CONV):
+        raise ValueError(
+            f"{layer.name}: MGPO supports linear, embedding and convolution LoRA layers; "
+            f"{type(layer.module).__name__} is none of them"
+        )
+    if layer.kind == CONV:
+        lora_B = layer.module.lora_B[layer.adapter]
+        if getattr(lora_B, "groups", 1) != 1:
+            raise ValueError(f"{layer.name}: MGPO does not support grouped LoRA convolutions (groups = {lora_B.groups})")
+
+
+def _versions(slot: _Slot) -> tuple:
+    return (slot.layer.pair.A._version, slot.layer.pair.B._version)
+
+
+def _make_grad_hook(captured: Dict[str, Optional[torch.Tensor]], factor: str):
+    def grad_hook(grad: torch.Tensor) -> None:
+        # Read only (returns None): the gradient autograd delivers for this backward pass.
+        previous = captured[factor]
+        captured[factor] = grad.detach() if previous is None else previous + grad.detach()
+
+    return grad_hook
+
+
+def _make_hook(layer: LoRALayer, U: torch.Tensor, V: torch.Tensor):
+    module, kind = layer.module, layer.kind
+    if kind == CONV:
+        conv_A, conv_B = module.lora_A[layer.adapter], module.lora_B[layer.adapter]
+        V_conv = V.reshape((V.shape[0],) + tuple(layer.pair.A.shape[1:]))
+        U_conv = U.reshape((U.shape[0], U.shape[1]) + tuple(layer.pair.B.shape[2:]))
+
+    def hook(mod, args, kwargs, output):
+        x = args[0] if args else kwargs.get("x", kwargs.get("input"))
+        if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
+            raise RuntimeError(f"MGPO: {layer.name} was called without a tensor input/output; cannot perturb it")
+        if kind == EMBEDDING:
+            extra = F.linear(F.embedding(x, V.mT), U)
+            embed_scale = module._get_embed_scale() if hasattr(module, "_get_embed_scale") else None
+            if embed_scale is not None:
+                extra = extra * embed_scale.to(extra.dtype)
+        elif kind == CONV:
+            extra = conv_B._conv_forward(conv_A._conv_forward(x.to(V.dtype), V_conv, None), U_conv, None)
+        else:
+            extra = F.linear(F.linear(x.to(V.dtype), V), U)
+        return output + extra.to(output.dtype)
+
+    return hook
+
+
 class MGPO:
     """Momentum-guided perturbation of the forward pass of a LoRA model (see the module docstring).
 
@@ -149,8 +213,8 @@ class MGPO:
             raise ValueError(f"Invalid model: expected an nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"Invalid optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.rho = self._check_number("rho", rho, 0.0, None)
-        self.beta = self._check_number("beta", beta, 0.0, 1.0)
+        self.rho = _check_number("rho", rho, 0.0, None)
+        self.beta = _check_number("beta", beta, 0.0, 1.0)
         self.model = model
         self.optimizer = optimizer
         trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -161,7 +225,7 @@ class MGPO:
                 f"groups; MGPO perturbs the layers the optimizer trains"
             )
         for layer in layers:
-            self._check_supported(layer)
+            _check_supported(layer)
         counts: Dict[torch.device, int] = {}
         self._slots: List[_Slot] = []
         for layer in layers:
@@ -177,32 +241,6 @@ class MGPO:
         self._inside = False
 
     # ------------------------------------------------------------------ validation
-    @staticmethod
-    def _check_number(name: str, value, low: float, high: Optional[float]) -> float:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"Invalid {name}: {value!r} (expected a finite number)")
-        if value < low or (high is not None and value >= high):
-            bounds = f"in [{low}, {high})" if high is not None else f">= {low}"
-            raise ValueError(f"Invalid {name}: {value} (must be {bounds})")
-        return float(value)
-
-    @staticmethod
-    def _check_supported(layer: LoRALayer) -> None:
-        if layer.variant() is not None:
-            raise ValueError(
-                f"{layer.name}: MGPO does not support {layer.variant()} layers (their output is not linear in "
-                f"W0 + s·B·A, so adding x·εᵀ would not perturb the effective weight by ε)"
-            )
-        if layer.kind not in (LINEAR, EMBEDDING, CONV):
-            raise ValueError(
-                f"{layer.name}: MGPO supports linear, embedding and convolution LoRA layers; "
-                f"{type(layer.module).__name__} is none of them"
-            )
-        if layer.kind == CONV:
-            lora_B = layer.module.lora_B[layer.adapter]
-            if getattr(lora_B, "groups", 1) != 1:
-                raise ValueError(f"{layer.name}: MGPO does not support grouped LoRA convolutions (groups = {lora_B.groups})")
-
     def _moment(self, p: torch.Tensor) -> Optional[torch.Tensor]:
         state = self.optimizer.state.get(p)
         if not state:
@@ -231,7 +269,7 @@ class MGPO:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        changed = [slot.layer.name for slot in self._slots if slot.entry_versions and slot.entry_versions != self._versions(slot)]
+        changed = [slot.layer.name for slot in self._slots if slot.entry_versions and slot.entry_versions != _versions(slot)]
         try:
             if exc_type is None and not changed:
                 self._update_ema()
@@ -244,10 +282,6 @@ class MGPO:
                 f"The gradient-norm EMA was not updated."
             )
         return False
-
-    @staticmethod
-    def _versions(slot: _Slot) -> tuple:
-        return (slot.layer.pair.A._version, slot.layer.pair.B._version)
 
     def _close_all(self) -> None:
         for slot in self._slots:
@@ -276,11 +310,11 @@ class MGPO:
             if not layer.is_active():
                 continue
             pair = layer.pair
-            slot.entry_versions = self._versions(slot)
+            slot.entry_versions = _versions(slot)
             slot.captured = {"A": None, "B": None}
             for factor, p in (("A", pair.A), ("B", pair.B)):
                 if p.requires_grad:
-                    slot.hooks.append(p.register_hook(self._make_grad_hook(slot.captured, factor)))
+                    slot.hooks.append(p.register_hook(_make_grad_hook(slot.captured, factor)))
             M_A, M_B = self._moment(pair.A), self._moment(pair.B)
             if (M_A is None and M_B is None) or self.rho == 0.0:
                 continue  # no perturbation before a first moment exists
@@ -289,17 +323,8 @@ class MGPO:
         for members in groups.values():
             U, V = self._perturbation_factors([m[0] for m in members], [m[1] for m in members], [m[2] for m in members])
             for i, (slot, _, _) in enumerate(members):
-                hook = self._make_hook(slot.layer, U[i], V[i])
+                hook = _make_hook(slot.layer, U[i], V[i])
                 slot.hooks.append(slot.layer.module.register_forward_hook(hook, with_kwargs=True))
-
-    @staticmethod
-    def _make_grad_hook(captured: Dict[str, Optional[torch.Tensor]], factor: str):
-        def grad_hook(grad: torch.Tensor) -> None:
-            # Read only (returns None): the gradient autograd delivers for this backward pass.
-            previous = captured[factor]
-            captured[factor] = grad.detach() if previous is None else previous + grad.detach()
-
-        return grad_hook
 
     def _perturbation_factors(self, slots: List[_Slot], moments_A: list, moments_B: list):
         """Stacked ``(U, V)`` with ``ε_i = U_i·V_i`` (the coefficient folded into U), in the factors' dtype."""
@@ -327,31 +352,6 @@ class MGPO:
         V = torch.where(valid, V, zero)
         dtype = pair0.A.dtype
         return U.to(dtype), V.to(dtype)
-
-    @staticmethod
-    def _make_hook(layer: LoRALayer, U: torch.Tensor, V: torch.Tensor):
-        module, kind = layer.module, layer.kind
-        if kind == CONV:
-            conv_A, conv_B = module.lora_A[layer.adapter], module.lora_B[layer.adapter]
-            V_conv = V.reshape((V.shape[0],) + tuple(layer.pair.A.shape[1:]))
-            U_conv = U.reshape((U.shape[0], U.shape[1]) + tuple(layer.pair.B.shape[2:]))
-
-        def hook(mod, args, kwargs, output):
-            x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-            if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor):
-                raise RuntimeError(f"MGPO: {layer.name} was called without a tensor input/output; cannot perturb it")
-            if kind == EMBEDDING:
-                extra = F.linear(F.embedding(x, V.mT), U)
-                embed_scale = module._get_embed_scale() if hasattr(module, "_get_embed_scale") else None
-                if embed_scale is not None:
-                    extra = extra * embed_scale.to(extra.dtype)
-            elif kind == CONV:
-                extra = conv_B._conv_forward(conv_A._conv_forward(x.to(V.dtype), V_conv, None), U_conv, None)
-            else:
-                extra = F.linear(F.linear(x.to(V.dtype), V), U)
-            return output + extra.to(output.dtype)
-
-        return hook
 
     @torch.no_grad()
     def _update_ema(self) -> None:
@@ -416,8 +416,8 @@ class MGPO:
             raise ValueError(
                 f"Invalid state_dict: its layers do not match this model's (missing: {missing[:3]}, unknown: {extra[:3]})"
             )
-        rho = self._check_number("rho", state_dict.get("rho", self.rho), 0.0, None)
-        beta = self._check_number("beta", state_dict.get("beta", self.beta), 0.0, 1.0)
+        rho = _check_number("rho", state_dict.get("rho", self.rho), 0.0, None)
+        beta = _check_number("beta", state_dict.get("beta", self.beta), 0.0, 1.0)
         values = {device: ema.clone().cpu() for device, ema in self._ema.items()}
         for slot in self._slots:
             value = saved[slot.layer.name]
