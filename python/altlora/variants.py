@@ -53,13 +53,12 @@ def _check_altlora(group: Dict[str, Any], where: str) -> None:
     check_real("damping" + where, group["damping"])
 
 
+def _floats(group: Dict[str, Any], *keys: str) -> Dict[str, float]:
+    return {key: float(group[key]) for key in keys}
+
+
 def _altlora_inputs(group: Dict[str, Any]) -> K.PhaseHyperParams:
-    return K.PhaseHyperParams(
-        lr=float(group["lr"]),
-        beta1=float(group["momentum"]),
-        weight_decay=float(group["weight_decay"]),
-        damping=float(group["damping"]),
-    )
+    return K.PhaseHyperParams(beta1=float(group["momentum"]), **_floats(group, "lr", "weight_decay", "damping"))
 
 
 ALTLORA = Variant(
@@ -82,15 +81,8 @@ def _check_plus(group: Dict[str, Any], where: str) -> None:
 
 def _plus_inputs(group: Dict[str, Any]) -> K.PhaseHyperParams:
     beta1, beta2 = group["betas"]
-    return K.PhaseHyperParams(
-        lr=float(group["lr"]),
-        beta1=float(beta1),
-        beta2=float(beta2),
-        eps=float(group["eps"]),
-        weight_decay=float(group["weight_decay"]),
-        damping=float(group["damping"]),
-        adaptive=True,
-    )
+    return K.PhaseHyperParams(beta1=float(beta1), beta2=float(beta2), adaptive=True,
+                              **_floats(group, "lr", "eps", "weight_decay", "damping"))
 
 
 ALTLORA_PLUS = Variant(
