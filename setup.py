@@ -14,9 +14,13 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["altlora", "altlora.finetune", "altlora_kernels"],
-    package_dir={"altlora": "python/altlora", "altlora_kernels": "altlora_kernels"},
-    install_requires=["torch>=2.4"],
+    # csrc/ goes into the wheel as altlora_kernels/csrc (no Python in it: only its sources), where
+    # altlora_kernels/native_phase_update.py looks first; in a checkout it finds ../csrc.
+    packages=["altlora", "altlora.finetune", "altlora_kernels", "altlora_kernels.csrc"],
+    package_dir={"altlora": "python/altlora", "altlora_kernels": "altlora_kernels", "altlora_kernels.csrc": "csrc"},
+    package_data={"altlora_kernels.csrc": ["*.cpp", "*.h", "README.md"]},
+    # ninja and setuptools: torch.utils.cpp_extension compiles the native backend with them at first use.
+    install_requires=["torch>=2.4", "ninja", "setuptools>=70"],
     extras_require={
         "peft": ["peft>=0.10", "transformers>=4.40"],
         "test": ["pytest>=7", "peft>=0.10", "transformers>=4.40"],

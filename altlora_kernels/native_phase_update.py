@@ -57,9 +57,18 @@ __all__ = [
     "build_directory",
 ]
 
-SOURCE_DIR = Path(__file__).resolve().parent.parent / "csrc"
 SOURCES = ("phase_update.cpp",)
 HEADERS = ("damped_cholesky.h",)
+
+
+def _source_dir() -> Path:
+    """Where the C++ sources are: inside the package (an installed wheel), else ``csrc/`` beside it (a checkout)."""
+    here = Path(__file__).resolve().parent
+    candidates = (here / "csrc", here.parent / "csrc")
+    return next((c for c in candidates if (c / SOURCES[0]).is_file()), candidates[0])
+
+
+SOURCE_DIR = _source_dir()
 MODULE_PREFIX = "altlora_native"
 
 # Parameter dtypes the C++ code takes (fp32 math and state).
@@ -130,7 +139,7 @@ def _toolchain_problem() -> Optional[str]:
     missing = [name for name in SOURCES + HEADERS if not (SOURCE_DIR / name).is_file()]
     if missing:
         return (f"the C++ sources are not installed ({', '.join(missing)} missing under {SOURCE_DIR}); "
-                f"the native backend needs a source checkout installed with `pip install -e .`")
+                f"reinstall altlora from a wheel or a checkout that has csrc/")
     compiler = os.environ.get("CXX", "c++")
     if not compiler.split() or shutil.which(compiler.split()[0]) is None:
         return f"no C++ compiler found ({compiler!r} is not on PATH; set $CXX or install g++/clang++)"

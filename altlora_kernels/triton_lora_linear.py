@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .triton_runtime import LazyKernel, dot_extent, interpreter_enabled, tl, triton, triton_missing_reason
+from .triton_runtime import LazyKernel, device_reason, dot_extent, interpreter_enabled, tl, triton
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -184,18 +184,7 @@ LOW_RANK_GRAD_KERNEL = LazyKernel(_low_rank_grad_kernel)
 
 def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     """Why these kernels cannot run on ``device``, or None if they can."""
-    missing = triton_missing_reason()
-    if missing is not None:
-        return missing
-    if device is None:
-        return "the Triton LoRA linear kernels need all tensors on one device"
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and interpreter_enabled():
-        return None
-    if device.type == "cpu":
-        return "the Triton LoRA linear kernels run on CUDA devices, and on the CPU only under TRITON_INTERPRET=1"
-    return f"the Triton LoRA linear kernels do not run on {device.type} devices"
+    return device_reason(device)
 
 
 # --------------------------------------------------------------------------------------------

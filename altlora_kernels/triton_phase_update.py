@@ -36,7 +36,7 @@ from .phase_types import FactorGroup, PhaseHyperParams
 from .torch_phase_update import phase_update_torch
 from .triton_cholesky import factor_launch
 from .triton_phase_tables import FACTOR_WARPS, GRAD_FIELDS, MAX_RANK, NUM_FIELDS, UPDATE_WARPS, Field, plan_buckets
-from .triton_runtime import MIN_DOT_EXTENT, LazyKernel, Launch, interpreter_enabled, tl, triton_missing_reason
+from .triton_runtime import MIN_DOT_EXTENT, LazyKernel, Launch, device_reason, tl
 
 __all__ = ["unavailable_reason", "phase_update", "phase_launches", "update_kernel", "reduce_kernel", "SUPPORTED_DTYPES"]
 
@@ -66,26 +66,8 @@ if tl is not None:
 
 def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
     """None when the Triton backend can run on ``device``, else a one-line reason."""
-    missing = triton_missing_reason()
-    if missing is not None:
-        return missing
-    if device is None:
-        return "backend='triton' needs every LoRA factor on one device"
-    device = torch.device(device)
-    if device.type == "cuda":
-        if interpreter_enabled():
-            # The interpreter runs kernels on the host and would dereference the table's device
-            # pointers there.
-            return "backend='triton' cannot run on CUDA tensors while TRITON_INTERPRET=1 is set (unset it)"
-        return None
-    if device.type == "cpu":
-        if interpreter_enabled():
-            return None
-        return (
-            "backend='triton' needs a CUDA GPU (the LoRA factors are on the CPU); set TRITON_INTERPRET=1 "
-            "to run its kernels on the CPU in Triton's (slow) interpreter"
-        )
-    return f"backend='triton' runs on CUDA devices (or the CPU with TRITON_INTERPRET=1), not on {device.type}"
+    # The kernels read device pointers from the work tables: never on CUDA tensors in the interpreter.
+    return device_reason(device, cuda_in_interpreter=False)
 
 
 def _update_kernel(

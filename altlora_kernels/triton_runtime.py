@@ -20,6 +20,8 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import torch
+
 try:  # Triton is optional: the package must import without it.
     import triton
     import triton.language as tl
@@ -34,6 +36,7 @@ __all__ = [
     "dot_extent",
     "interpreter_enabled",
     "triton_missing_reason",
+    "device_reason",
     "LazyKernel",
     "Launch",
 ]
@@ -63,6 +66,30 @@ def triton_missing_reason() -> Optional[str]:
     if triton is None:
         return "backend='triton' needs the 'triton' package, which is not installed (pip install triton)"
     return None
+
+
+def device_reason(device: Optional[torch.device], *, cuda_in_interpreter: bool = True) -> Optional[str]:
+    """Why Triton kernels cannot run on ``device`` now (None: they can): CUDA, or the CPU in the interpreter.
+
+    ``cuda_in_interpreter=False`` for kernels that must not run on CUDA tensors in the
+    interpreter (it runs on the host, and would dereference device pointers read from a table).
+    """
+    missing = triton_missing_reason()
+    if missing is not None:
+        return missing
+    if device is None:
+        return "backend='triton' needs all its tensors on one device"
+    device = torch.device(device)
+    if device.type == "cuda":
+        if interpreter_enabled() and not cuda_in_interpreter:
+            return "backend='triton' cannot run on CUDA tensors while TRITON_INTERPRET=1 is set (unset it)"
+        return None
+    if device.type == "cpu":
+        if interpreter_enabled():
+            return None
+        return ("backend='triton' needs a CUDA GPU (the tensors are on the CPU); set TRITON_INTERPRET=1 "
+                "to run its kernels on the CPU in Triton's (slow) interpreter")
+    return f"backend='triton' runs on CUDA devices (or the CPU with TRITON_INTERPRET=1), not on {device.type}"
 
 
 class LazyKernel:

@@ -1,7 +1,8 @@
 """Properties from the paper: transformation invariance, "reduces to" identities, B = 0 at init.
 
-Invariance and the B = 0 start run for every backend (the ``backend`` fixture of conftest.py);
-the closed-form identities are checked on the torch backend, which the oracle ties to the others.
+Invariance, the projected-gradient identities and the B = 0 start run for every backend (the
+``backend`` fixture of conftest.py); the remaining identities are checked on the torch backend,
+which the oracle ties to the others.
 """
 
 import math
@@ -86,29 +87,32 @@ def _single_layer(r, d, k, seed=0, identity_A=False):
     return torch.nn.Parameter(A.clone()), torch.nn.Parameter(B.clone()), torch.randn(k, d, generator=gen)
 
 
-def test_a_phase_is_column_space_projected_gradient_step():
+def _plain_phase(backend, A, B, gW, s, lr, factor):
+    """``W = s·B·A`` before and after one phase of ``factor`` with λ = 0, β1 = 0 and ∇W = ``gW``."""
+    opt = altlora.AltLoRA([altlora.LoRAPair(A, B, s)], lr=lr, momentum=0.0, damping=0.0,
+                          order="AB" if factor == "A" else "BA", backend=backend)
+    before = (s * B @ A).detach().double()
+    A.grad, B.grad = (s * B.T @ gW).detach(), (s * gW @ A.T).detach()
+    opt.step()
+    return before, (s * B @ A).detach().double()
+
+
+def test_a_phase_is_column_space_projected_gradient_step(backend):
     # λ = 0, β1 = 0: an A phase moves W by −η·Proj_col(B)(∇W)   (paper, Eq. 9)
     A, B, gW = _single_layer(3, 7, 9)
-    s, lr = 2.0, 0.1
-    opt = altlora.AltLoRA([altlora.LoRAPair(A, B, s)], lr=lr, momentum=0.0, damping=0.0, order="AB", backend="torch")
-    W0 = (s * B @ A).detach().double()
-    A.grad, B.grad = (s * B.T @ gW).detach(), (s * gW @ A.T).detach()
-    opt.step()
-    Bd, g = B.detach().double(), gW.double()
+    lr = 0.1
+    before, after = _plain_phase(backend, A, B, gW, 2.0, lr, "A")
+    Bd = B.detach().double()
     proj = Bd @ torch.linalg.solve(Bd.T @ Bd, Bd.T)
-    expected = W0 - lr * proj @ g
-    torch.testing.assert_close((s * B @ A).detach().double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after, before - lr * proj @ gW.double(), rtol=1e-5, atol=1e-5)
 
 
-def test_b_phase_with_full_rank_A_is_full_gradient_step():
+def test_b_phase_with_full_rank_A_is_full_gradient_step(backend):
     # λ = 0, β1 = 0, r = d and A invertible: Proj_row(A) = I, so a B phase is W ← W − η·∇W.
     A, B, gW = _single_layer(5, 5, 7)
-    s, lr = 0.5, 0.05
-    opt = altlora.AltLoRA([altlora.LoRAPair(A, B, s)], lr=lr, momentum=0.0, damping=0.0, order="BA", backend="torch")
-    W0 = (s * B @ A).detach().double()
-    A.grad, B.grad = (s * B.T @ gW).detach(), (s * gW @ A.T).detach()
-    opt.step()
-    torch.testing.assert_close((s * B @ A).detach().double(), W0 - lr * gW.double(), rtol=1e-5, atol=1e-5)
+    lr = 0.05
+    before, after = _plain_phase(backend, A, B, gW, 0.5, lr, "B")
+    torch.testing.assert_close(after, before - lr * gW.double(), rtol=1e-5, atol=1e-5)
 
 
 def test_altlora_plus_b_phases_with_identity_A_are_adamw():
