@@ -17,6 +17,7 @@ interrupted phase resumes where it stopped. One run takes about 3–4 minutes on
 
 Run: ``.venv/bin/python experiments/study.py sweep --only adamw,altloraplus-alternate``
      ``.venv/bin/python experiments/study.py final --only adamw,altloraplus-alternate``
+     ``.venv/bin/python experiments/study.py equal-work --only altloraplus-alternate``  (2 epochs, dev)
      ``.venv/bin/python experiments/study.py report``
 """
 
@@ -57,7 +58,8 @@ ARMS = {
     "sgd": _grid("sgd", "alternate", (0.3, 1.0, 3.0)),
     "altloraplus-alternate": _grid("altloraplus", "alternate", (3e-4, 1e-3, 3e-3)),
     "altloraplus-sequential": _grid("altloraplus", "sequential", (3e-4, 1e-3, 3e-3)),
-    "altlora-alternate": _grid("altlora", "alternate", (0.03, 0.1, 0.3), (1e-6, 1e-3)),
+    # λ = 1e-3 only at the middle lr: one point on whether a larger absolute damping helps
+    "altlora-alternate": _grid("altlora", "alternate", (0.03, 0.1, 0.3), (1e-6,)) + _grid("altlora", "alternate", (0.1,), (1e-3,)),
     "altlora-sequential": _grid("altlora", "sequential", (0.03, 0.1, 0.3), (1e-6,)),
 }
 
@@ -135,7 +137,7 @@ def best_setting(store, arm):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("sweep", "final", "report"))
+    parser.add_argument("phase", choices=("sweep", "final", "equal-work", "report"))
     parser.add_argument("--only", default=",".join(ARMS), help="comma-separated arms")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
@@ -158,6 +160,12 @@ def main():
         if args.phase == "sweep":
             for setting in ARMS[arm]:
                 run(store, data, setting, "dev", 0)
+        elif args.phase == "equal-work":
+            # `alternate` updates each factor every other step: with twice the steps it gets as many
+            # factor updates as AdamW or `sequential` in one epoch (mechanism (a)); dev only
+            setting = best_setting(store, arm)
+            if setting is not None:
+                run(store, data, setting, "dev", 0, overrides={"epochs": 2}, extra=" epochs=2")
         else:
             setting = best_setting(store, arm)
             if setting is None:
