@@ -1,8 +1,8 @@
 """The ``triton`` backend: one AltLoRA / AltLoRA+ phase for every layer in three launches.
 
-Same semantics as ``phase_update.py`` (its module docstring carries the math in row form, with the
-Gram / cross-Gram bookkeeping and the ``found_inf`` no-op); this module runs it with a number of
-launches that does not depend on the number of layers:
+Same semantics as ``torch_phase_update.py`` (its module docstring carries the math in row form,
+with the Gram / cross-Gram bookkeeping and the ``found_inf`` no-op); this module runs it with a
+number of launches that does not depend on the number of layers:
 
 1. ``triton_cholesky.factor_kernel``, one program per layer: ``P = (Y Yᵀ + λ_eff I)⁻¹`` and
    ``P·C_Y`` with the damping escalated on the device.
@@ -347,7 +347,7 @@ def phase_update(
     hp: PhaseHyperParams,
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
-    """One phase for every group (semantics: ``phase_update.py``); three launches per bucket."""
+    """One phase for every group (semantics: ``torch_phase_update.py``); three launches per bucket."""
     groups = list(groups)
     if not groups:
         return
