@@ -218,13 +218,16 @@ def test_perturbation_and_ema_match_a_float64_transcription(kind, opt_name, loss
             loss.backward()
         A, B = pair.A.detach(), pair.B.detach()
         W = layer.base_matrix().double() + s * B.double() @ A.double()
-        torch.testing.assert_close(outside.T.double(), W, rtol=0, atol=1e-5)
+        # The fp32 forward rounds the r products s·B·A term by term: with AltLoRA at this lr, A
+        # grows to hundreds within 6 steps (while B stays small), so the bound scales with them.
+        forward = 1e-5 + 4 * torch.finfo(torch.float32).eps * abs(s) * A.shape[0] * B.abs().max().item() * A.abs().max().item()
+        torch.testing.assert_close(outside.T.double(), W, rtol=0, atol=forward)
         if step == 0:
             assert torch.equal(inside, outside)  # no moment yet
         else:
             eps = ref.epsilon(A, B, *moments(opt, pair), s)
             # The effective weight inside the context is W + ε ...
-            torch.testing.assert_close(inside.T.double(), W + eps, rtol=0, atol=1e-5)
+            torch.testing.assert_close(inside.T.double(), W + eps, rtol=0, atol=forward)
             # ... and the difference is ε itself, up to fp32 rounding of the outputs it is taken from.
             rounding = 2 * torch.finfo(torch.float32).eps * outside.abs().max().item()
             torch.testing.assert_close((inside - outside).T.double(), eps, rtol=0, atol=2e-6 * eps.abs().max().item() + rounding)

@@ -8,7 +8,7 @@ from .base import AltLoRAOptimizerBase
 from .options import DEFAULT_OTHER_LR
 from .variants import ALTLORA, ALTLORA_PLUS
 
-__all__ = ["AltLoRA", "AltLoRAPlus", "DEFAULT_DAMPING", "DEFAULT_OTHER_LR"]
+__all__ = ["AltLoRA", "AltLoRAPlus", "OPTIMIZERS", "DEFAULT_DAMPING", "DEFAULT_OTHER_LR"]
 
 # λ of (G + λI). Small enough to leave a well-conditioned Gram's inverse unchanged to fp32
 # precision, large enough to tame a nearly rank-deficient one; a singular Gram escalates it anyway
@@ -99,3 +99,7 @@ class AltLoRAPlus(AltLoRAOptimizerBase):
                  weight_decay: float = 0.0, damping: float = DEFAULT_DAMPING, **options):
         hparams = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay, damping=damping)
         super().__init__(params, hparams, options)
+
+
+#: The optimizers by the short name integrations use (``altlora.trainer``: ``variant="altloraplus"``).
+OPTIMIZERS = {"altlora": AltLoRA, "altloraplus": AltLoRAPlus}

@@ -37,12 +37,12 @@ from typing import Any, Dict, Optional, Tuple
 from torch import nn
 
 from .deepspeed_guard import check_not_deepspeed, deepspeed_error
-from .optimizers import AltLoRA, AltLoRAPlus
+from .optimizers import OPTIMIZERS
 from .options import Options, option_names
 
 __all__ = ["VARIANTS", "AltLoRAFactory", "altlora_optimizer", "AltLoRATrainerMixin", "AltLoRATrainer"]  # noqa: F822 (lazy)
 
-VARIANTS = {"altlora": AltLoRA, "altloraplus": AltLoRAPlus}
+VARIANTS = OPTIMIZERS
 
 # Arguments the Trainer (or the model) supplies; a user passing them means a misunderstanding.
 _SUPPLIED_BY_TRAINER = ("params", "model")
