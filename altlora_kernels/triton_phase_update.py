@@ -109,6 +109,16 @@ def _update_kernel(
     momentum_ptr = tl.load(row + _MOMENTUM).to(tl.pointer_type(tl.float32))
     state_lead = tl.load(row + _STATE_LEAD)
     inv_scale_sq = tl.load(tl.load(row + _INV_SCALE_SQ).to(tl.pointer_type(tl.float32)))
+    # Row form X[i, j] of a tensor stored with strides (lead, 1) is at i·row_step + j·col_step:
+    # A itself (lead, 1), or Bᵀ (1, lead). The constant 1 is folded by the compiler.
+    if TRANSPOSED:
+        param_row, param_col = 1, param_lead
+        grad_row, grad_col = 1, grad_lead
+        state_row, state_col = 1, state_lead
+    else:
+        param_row, param_col = param_lead, 1
+        grad_row, grad_col = grad_lead, 1
+        state_row, state_col = state_lead, 1
 
     # Rows that are written: all r, or none when found_inf is set (a scalar bool can't be ANDed
     # into a block mask in the interpreter, a bound can).
@@ -143,25 +153,14 @@ def _update_kernel(
         for k0 in range(0, r, _K_BLOCK):
             krows = k0 + kdx[:, None]
             kmask = (krows < r) & (cols < end)
-            # Row form X[i, j] of a tensor stored with strides (lead, 1): A itself, or Bᵀ.
-            if TRANSPOSED:
-                at_grad = cols * grad_lead + krows
-                at_state = cols * state_lead + krows
-            else:
-                at_grad = krows * grad_lead + cols
-                at_state = krows * state_lead + cols
-            grad = tl.load(grad_ptr + at_grad, mask=kmask, other=0.0).to(tl.float32)
-            momentum = tl.load(momentum_ptr + at_state, mask=kmask, other=0.0)
+            grad = tl.load(grad_ptr + krows * grad_row + cols * grad_col, mask=kmask, other=0.0).to(tl.float32)
+            momentum = tl.load(momentum_ptr + krows * state_row + cols * state_col, mask=kmask, other=0.0)
             at_square = rows * R + (k0 + kdx)[None, :]
             scaled_grad += tl.dot(tl.load(square + at_square), grad, input_precision="ieee")
             carried += tl.dot(tl.load(carry_ptr + layer * R * R + at_square), momentum, input_precision="ieee")
 
-        if TRANSPOSED:
-            at_param = cols * param_lead + rows
-            at_state = cols * state_lead + rows
-        else:
-            at_param = rows * param_lead + cols
-            at_state = rows * state_lead + cols
+        at_param = rows * param_row + cols * param_col
+        at_state = rows * state_row + cols * state_col
         scaled_grad = scaled_grad * inv_scale_sq
         momentum = beta1 * carried + (1.0 - beta1) * scaled_grad
         x_old = tl.load(param_ptr + at_param, mask=mask, other=0.0).to(tl.float32)
