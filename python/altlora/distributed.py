@@ -322,6 +322,10 @@ class ShardedPairGroup(PairGroup):
     def _tracked_all(self, params):
         return [self._tracked(p) for p in params]
 
+    def observe(self) -> bool:
+        self._now = self._tracked_all(self._flat)
+        return self.current_identity() != self.identity
+
     def current_identity(self):
         # FSDP swaps a shard's local tensor by itself (lazy init, load_state_dict): refresh_views
         # follows that. A new dtype or device of the DTensor is what cannot be followed here.

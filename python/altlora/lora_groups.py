@@ -63,7 +63,7 @@ class LoRAGroups:
         """Rebuild the groups of a param group in which a factor has a new storage, dtype or device
         (``model.to(...)``, ``p.data = ...``) on the new tensors, its state converted (``state.py``)."""
         for index, old in self.by_index.items():
-            if all(pg.current_identity() == pg.identity for pg in old):
+            if not any([pg.observe() for pg in old]):  # a list: every group observes
                 continue
             blocked = next((pg for pg in old if not pg.rebuild_allowed), None)
             if blocked is not None:

@@ -83,8 +83,10 @@ class PairGroup:
         self.buffers: Dict[str, Dict[str, torch.Tensor]] = {"A": {}, "B": {}}
         self.identity = self.current_identity()
         self.backend = "torch"  # the concrete backend that runs this group's phases (set by the optimizer)
-        # What _tracked() gave for every parameter after our last write; None = trust the state.
+        # What _tracked() gave for every factor (FACTORS × pair order) after our last write, and at
+        # this step's observe(); _seen None = trust the state.
         self._seen = None
+        self._now = None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -113,6 +115,13 @@ class PairGroup:
         """What tells that the views are stale: every factor's storage. (A new dtype or device is a
         new storage; the old one cannot be reused meanwhile, since our views keep it alive.)"""
         return [p.data_ptr() for p in self._flat]
+
+    def observe(self) -> bool:
+        """Look at every factor, once per step, before anything else: True when one has a new
+        storage (the views are stale: rebuild). What it saw is what :meth:`modified_flags`
+        compares with our last write."""
+        self._now = self._tracked_all(self._flat)
+        return [t[-1] for t in self._now] != self.identity
 
     def grad_matrix(self, factor: str, i: int, grad: torch.Tensor) -> torch.Tensor:
         """The gradient of ``params[factor][i]`` shaped like the matrix a phase works on."""
@@ -198,7 +207,7 @@ class PairGroup:
         """After a load: ``factor`` is in the middle of a run (its snapshot is live), or None."""
 
     def record_seen(self) -> None:
-        self._seen = {f: self._tracked_all(self.params[f]) for f in FACTORS}
+        self._seen = self._tracked_all(self._flat)
 
     def carry_seen(self, old: Sequence["PairGroup"]) -> None:
         """After a rebuild on new tensors: a factor with its old dtype and device (only the storage
@@ -206,21 +215,21 @@ class PairGroup:
         taken as it is, its state converted (as a save, cast and load would do)."""
         before = {}
         for pg in old:
-            for f in FACTORS:
-                for i, p in enumerate(pg.params[f]):
-                    m = pg.matrices[f][i]  # still the old tensor
-                    before[id(p)] = ((m.dtype, m.device), None if pg._seen is None else pg._seen[f][i])
-        self._seen = {f: [] for f in FACTORS}
-        for f in FACTORS:
-            for p in self.params[f]:
-                where, seen = before.get(id(p), (None, None))
-                self._seen[f].append(seen if seen is not None and where == (p.dtype, p.device) else self._tracked(p))
+            for position, (p, m) in enumerate(zip(pg._flat, pg.matrices["A"] + pg.matrices["B"])):
+                # m is still the old tensor
+                before[id(p)] = ((m.dtype, m.device), None if pg._seen is None else pg._seen[position])
+        self._seen = []
+        for p in self._flat:
+            where, seen = before.get(id(p), (None, None))
+            self._seen.append(seen if seen is not None and where == (p.dtype, p.device) else self._tracked(p))
+        self._now = self._tracked_all(self._flat)
 
     def modified_flags(self) -> List[bool]:
-        """Per (factor, layer), in FACTORS × pair order: was it written outside the optimizer since our last write?"""
+        """Per (factor, layer), in FACTORS × pair order: was it written outside the optimizer since
+        our last write? (As seen by this step's :meth:`observe`.)"""
         if self._seen is None:
             return [False] * (2 * len(self))
-        return [now != seen for now, seen in zip(self._tracked_all(self._flat), self._seen["A"] + self._seen["B"])]
+        return [now != seen for now, seen in zip(self._now, self._seen)]
 
     def phase_input(self, factor: str, grads: List[torch.Tensor], other: Optional[tuple] = None) -> K.FactorGroup:
         """The compute layer's view of one phase of ``factor``; ``other`` replaces the other
