@@ -266,6 +266,17 @@ def _error_cases(mesh, rank):
     except FloatingPointError as exc:
         out["nan"] = str(exc)
     out["nan_unchanged"] = bool(torch.equal(before, full(model.left.lora_B)))
+    # A cast after building: the sharded groups cannot be rebuilt mid-run, so the next step says
+    # so on every rank (FSDP's own forward would fail too; the optimizer must not go silent).
+    model = sharded_model("columns", mesh)
+    opt = make_optimizer(model, "AltLoRA", "alternate", {})
+    train_step(model, opt, 0, {}, rank)
+    model.to(torch.float64)
+    try:
+        opt.step()
+        out["cast"] = "no error"
+    except RuntimeError as exc:
+        out["cast"] = str(exc)
     return out
 
 
@@ -341,6 +352,7 @@ def test_bad_placement_and_nan_on_one_rank(results):
         assert "bad.lora_A" in errors["partial"] and "Partial" in errors["partial"], errors["partial"]
         assert "non-finite gradient" in errors["nan"], errors["nan"]
         assert errors["nan_unchanged"]
+        assert "changed dtype or device after the optimizer was built" in errors["cast"], errors["cast"]
     assert "another rank" in results["errors"]["nan"]  # rank 0 holds no NaN
     assert "left.lora_B" in results["errors1"]["nan"]
 
