@@ -27,11 +27,12 @@ class Model(nn.Module):
         self.head = nn.Parameter(torch.linspace(-1.0, 1.0, 6).view(2, 3))
 
 
-def _build(backend, variant="AltLoRAPlus"):
+def _build(backend, variant="AltLoRAPlus", schedule=None):
     prob = Problem(LAYERS, seed=3)
     model = Model(prob.pairs())
     cls = getattr(altlora, variant)
-    opt = cls([{"pairs": model.pairs, "params": [model.head]}], lr=0.01, backend=backend, schedule="sequential")
+    schedule = schedule or {"schedule": "sequential"}
+    opt = cls([{"pairs": model.pairs, "params": [model.head]}], lr=0.01, backend=backend, **schedule)
     return prob, model, opt
 
 
@@ -56,11 +57,16 @@ def _can_run(backend, dtype):
     return K.unsupported_reason(backend, dtype, torch.device("cpu")) is None
 
 
+# switch_every=3 stopped after 4 steps: mid-run of A phases, a live snapshot to convert too.
+SCHEDULES = [{"schedule": "sequential"}, {"switch_every": 3}]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("when", [0, 3], ids=["before-first-step", "mid-run"])
-def test_cast_after_building_keeps_training_and_equals_a_rebuilt_optimizer(backend, dtype, when):
+@pytest.mark.parametrize("when", [0, 4], ids=["before-first-step", "mid-run"])
+@pytest.mark.parametrize("schedule", SCHEDULES, ids=["sequential", "switch_every=3"])
+def test_cast_after_building_keeps_training_and_equals_a_rebuilt_optimizer(backend, dtype, when, schedule):
     if not _can_run(backend, dtype):
-        prob, model, opt = _build(backend)
+        prob, model, opt = _build(backend, schedule=schedule)
         _steps(prob, model, opt, 0, when)
         model.to(dtype)
         prob.set_grads(when, model.pairs)
@@ -68,8 +74,10 @@ def test_cast_after_building_keeps_training_and_equals_a_rebuilt_optimizer(backe
             opt.step()
         return
     total = when + 4
-    prob, model, opt = _build(backend)
+    prob, model, opt = _build(backend, schedule=schedule)
     _steps(prob, model, opt, 0, when)
+    if when and "switch_every" in schedule:
+        assert "snapshot" in opt.state[model.pairs[0].A]
     saved, weights = copy.deepcopy(opt.state_dict()), copy.deepcopy(model.state_dict())
     model.to(dtype)
     before = [p.B.detach().clone() for p in model.pairs]
@@ -77,7 +85,7 @@ def test_cast_after_building_keeps_training_and_equals_a_rebuilt_optimizer(backe
     for p, b in zip(model.pairs, before):
         assert p.B.dtype == dtype and not torch.equal(p.B.detach(), b), "the cast model must keep training"
         want = torch.float64 if dtype == torch.float64 else torch.float32
-        assert all(v.dtype == want for v in opt.state[p.B].values())
+        assert all(v.dtype == (dtype if k == "snapshot" else want) for k, v in opt.state[p.B].items())
     assert opt.state[model.head]["exp_avg"].dtype == dtype  # AdamW state follows the parameter, as in torch
 
     # The same state, loaded into an optimizer built on the cast model.
@@ -85,8 +93,7 @@ def test_cast_after_building_keeps_training_and_equals_a_rebuilt_optimizer(backe
     model2 = Model(prob2.pairs())
     model2.load_state_dict(weights)
     model2.to(dtype)
-    opt2 = altlora.AltLoRAPlus([{"pairs": model2.pairs, "params": [model2.head]}], lr=0.01, backend=backend,
-                               schedule="sequential")
+    opt2 = altlora.AltLoRAPlus([{"pairs": model2.pairs, "params": [model2.head]}], lr=0.01, backend=backend, **schedule)
     if when:
         opt2.load_state_dict(saved)
     _steps(prob2, model2, opt2, when, total)
