@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .triton_runtime import LazyKernel, device_reason, dot_extent, interpreter_enabled, tl, triton
+from .triton_runtime import LazyKernel, Launch, device_reason, dot_extent, interpreter_enabled, tl, triton
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -239,6 +239,11 @@ def _keep_args(keep: Optional[torch.Tensor], fallback: torch.Tensor):
     return keep, keep.stride(0), keep.stride(1)
 
 
+def _launch(kernel: LazyKernel, grid, args: tuple, constexprs: dict, options: dict) -> Launch:
+    options = dict(options)
+    return Launch(kernel, tuple(grid), args, constexprs, options.pop("num_warps", None), options)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers (2-D inputs, any strides; shapes are checked by the caller in lora_linear.py)
 
@@ -256,12 +261,11 @@ def project(x: torch.Tensor, m: torch.Tensor, scale: float, keep: Optional[torch
     blocks, launch = launch_config("project", x.dtype, _gpu(x.device))
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
     grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]), triton.cdiv(rank, rank_block))
-    PROJECT_KERNEL[grid](
+    _launch(PROJECT_KERNEL, grid, (
         x, m, keep_t, out, n_rows, n_cols, rank,
         x.stride(0), x.stride(1), m.stride(0), m.stride(1), stride_km, stride_kc, out.stride(0), out.stride(1),
         float(scale),
-        HAS_KEEP=keep is not None, RANK_BLOCK=rank_block, **blocks, **_dtype_options(x.dtype), **launch,
-    )
+    ), dict(HAS_KEEP=keep is not None, RANK_BLOCK=rank_block, **blocks, **_dtype_options(x.dtype)), launch)()
     return out
 
 
@@ -285,14 +289,13 @@ def matmul_plus_low_rank(
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
     bias_t = bias if bias is not None else x
     grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]) * triton.cdiv(n_cols, blocks["BLOCK_C"]),)
-    MATMUL_PLUS_LOW_RANK_KERNEL[grid](
+    _launch(MATMUL_PLUS_LOW_RANK_KERNEL, grid, (
         x, w, h, l, bias_t, keep_t, out, n_rows, n_cols, n_inner, rank,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), h.stride(0), h.stride(1), l.stride(0), l.stride(1),
         stride_km, stride_kc, out.stride(0), out.stride(1),
         float(scaling),
-        HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, RANK_BLOCK=_rank_block(rank),
-        **blocks, **_dtype_options(x.dtype), **launch,
-    )
+    ), dict(HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, RANK_BLOCK=_rank_block(rank),
+            **blocks, **_dtype_options(x.dtype)), launch)()
     return out
 
 
@@ -326,11 +329,10 @@ def low_rank_grad(h: torch.Tensor, x: torch.Tensor, scale: float, keep: Optional
         out = torch.empty((splits, rank, n_cols), device=x.device, dtype=torch.float32)
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
     grid = (triton.cdiv(n_cols, block_c), splits, triton.cdiv(rank, rank_block))
-    LOW_RANK_GRAD_KERNEL[grid](
+    _launch(LOW_RANK_GRAD_KERNEL, grid, (
         h, x, keep_t, out, n_rows, n_cols, rank, rows_per_split,
         h.stride(0), h.stride(1), x.stride(0), x.stride(1), stride_km, stride_kc,
         out.stride(0), out.stride(1), out.stride(2),
         float(scale),
-        HAS_KEEP=keep is not None, RANK_BLOCK=rank_block, **blocks, **_dtype_options(x.dtype), **launch,
-    )
+    ), dict(HAS_KEEP=keep is not None, RANK_BLOCK=rank_block, **blocks, **_dtype_options(x.dtype)), launch)()
     return out[0] if splits == 1 else out.sum(0).to(x.dtype)

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -123,7 +123,11 @@ class Launch:
     grid: Tuple[int, ...]
     args: tuple  # positional runtime arguments, in the kernel's order
     constexprs: Dict[str, object]
-    num_warps: int
+    num_warps: Optional[int] = None  # None: Triton's default
+    options: Dict[str, object] = field(default_factory=dict)  # other launch options (num_stages)
 
     def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.constexprs, num_warps=self.num_warps)
+        options = dict(self.options)
+        if self.num_warps is not None:
+            options["num_warps"] = self.num_warps
+        self.kernel[self.grid](*self.args, **self.constexprs, **options)
