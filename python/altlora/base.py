@@ -130,10 +130,10 @@ class AltLoRAOptimizerBase(Optimizer):
         self._check_groups()
         self._lora.follow_moved(self.state, self.variant.state_keys)
         self._others.follow([p for g in self.param_groups if g[KIND] == ADAMW for p in g["params"]], self.state)
-        work, others = self._gather()
+        work, others, given = self._gather()
         if work is None:
             return loss
-        found_inf, modified = self._agree(work, others)
+        found_inf, modified = self._agree(work, given)
         self._lora.coordinator.refresh(work, modified, self.variant.state_keys, self.state)
         phases = self.schedule.phases(self._step_index)
         start = self._start_values(work, phases[0]) if self.schedule.reads_start_values else {}
@@ -159,45 +159,44 @@ class AltLoRAOptimizerBase(Optimizer):
         self._lora.check_in_place(self.param_groups)
 
     def _gather(self):
-        """``(work, others)``: the LoRA work (``coordinator.py``) of this step's phases and, per
-        AdamW group, its parameters with a gradient; ``(None, None)`` if nothing has a gradient.
+        """``(work, others, given)``: the LoRA work (``coordinator.py``) of this step's phases; per
+        AdamW group, its parameters with a gradient; every ``(parameter, gradient)`` the step was
+        given. ``(None, None, None)`` if nothing has a gradient.
 
         A LoRA factor without a gradient while others have one (a layer that took no part in the
         forward pass) is stepped with a zero gradient, so every layer keeps the same phase
         bookkeeping; AdamW parameters without a gradient are left alone, as in torch.
         """
         factors = sorted(set(self.schedule.phases(self._step_index)))
-        work, others, missing = [], [], []
+        work, others, given = [], [], []
         for index, group in enumerate(self.param_groups):
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise ValueError(f"{self._admission.display(p)} has a sparse gradient; AltLoRA needs dense gradients")
+            with_grad = [(p, g) for p in group["params"] if (g := p.grad) is not None]
+            given += with_grad
             if group[KIND] == ADAMW:
-                params = [p for p in group["params"] if p.grad is not None]
-                others += [(index, params)] if params else []
-                continue
-            for pg in self._lora.by_index[index]:
-                grads = {f: [None if p.grad is None else pg.grad_matrix(f, i, p.grad) for i, p in enumerate(pg.params[f])]
-                         for f in factors}
-                missing += [(grads[f], i, m) for f in factors for i, m in enumerate(pg.matrices[f]) if grads[f][i] is None]
-                work.append((index, pg, grads))
+                others += [(index, [p for p, _ in with_grad])] if with_grad else []
+            else:
+                work += [(index, pg, {f: pg.grad_matrices(f) for f in factors}) for pg in self._lora.by_index[index]]
+        missing = [(views, i, pg.matrices[f][i]) for _, pg, grads in work for f, views in grads.items()
+                   for i, g in enumerate(views) if g is None]
         if not others and len(missing) == sum(len(pg) for _, pg, _ in work) * len(factors):
-            return None, None
+            return None, None, None
+        sparse = next((p for p, g in given if g.is_sparse), None)
+        if sparse is not None:
+            raise ValueError(f"{self._admission.display(sparse)} has a sparse gradient; AltLoRA needs dense gradients")
         self._lora.coordinator.gather(work)  # e.g. FSDP2 factors sharded along r: full factors and gradients
         for views, i, m in missing:
             views[i] = torch.zeros(m.shape, dtype=m.dtype, device=m.device)
-        return work, others
+        return work, others, given
 
-    def _agree(self, work, others):
+    def _agree(self, work, given):
         """The non-finite flag over every gradient the step was given (both factors of every pair
         and the AdamW groups, as ``GradScaler`` checks), agreed between processes; raises under
         ``nonfinite="raise"``. Also which factors changed outside the optimizer."""
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        grads = self._lora.coordinator.local_all([p.grad for p in params])
+        grads = self._lora.coordinator.local_all([g for _, g in given])
         found_inf, modified = self._lora.coordinator.agree(work, K.nonfinite_flag(grads))
         if self.nonfinite == "raise":
             if found_inf is not None and bool(found_inf.item()):
-                bad = next((p for p, g in zip(params, grads) if not bool(torch.isfinite(g).all())), None)
+                bad = next((p for (p, _), g in zip(given, grads) if not bool(torch.isfinite(g).all())), None)
                 where = "a shard held by another rank" if bad is None else self._admission.display(bad)
                 raise FloatingPointError(
                     f"non-finite gradient in {where}; nothing was updated. "

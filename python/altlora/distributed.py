@@ -222,6 +222,7 @@ class ShardedPairGroup(PairGroup):
         self._index = {id(p): i for i, p in enumerate(pairs)}
         super().__init__(pairs)
         self.rebuild_allowed = False  # ranks would have to agree on it mid-run: build the optimizer after casting
+        self._matrix_shaped = False  # gradients are DTensors: grad_matrix takes the local part
         # All factors of one kind in a group share a layout (the grouping key includes it).
         self.kind = {f: self.layouts[f][0].kind for f in FACTORS}
 

@@ -73,6 +73,7 @@ class PairGroup:
         self.matrices: Dict[str, List[torch.Tensor]] = {"A": [m[0] for m in mats], "B": [m[1] for m in mats]}
         self.params: Dict[str, List[torch.Tensor]] = {"A": [p.A for p in self.pairs], "B": [p.B for p in self.pairs]}
         self._flat = self.params["A"] + self.params["B"]  # FACTORS × pair order
+        self._matrix_shaped = all(p.dim() == 2 for p in self._flat)
         self.rank = self.pairs[0].rank
         self.device = self.pairs[0].A.device
         self.param_dtype = self.pairs[0].A.dtype
@@ -122,6 +123,13 @@ class PairGroup:
         compares with our last write."""
         self._now = self._tracked_all(self._flat)
         return [t[-1] for t in self._now] != self.identity
+
+    def grad_matrices(self, factor: str) -> List[Optional[torch.Tensor]]:
+        """The gradients of ``factor``'s layers shaped like the matrices a phase works on (None
+        where a layer has none)."""
+        if self._matrix_shaped:  # 2-D factors: their gradients are the matrices already
+            return [p.grad for p in self.params[factor]]
+        return [None if (g := p.grad) is None else self.grad_matrix(factor, i, g) for i, p in enumerate(self.params[factor])]
 
     def grad_matrix(self, factor: str, i: int, grad: torch.Tensor) -> torch.Tensor:
         """The gradient of ``params[factor][i]`` shaped like the matrix a phase works on."""
