@@ -11,6 +11,9 @@ records the LoRA factors after every step, and writes a small table to
 * ``invariance`` — (b) damping: AltLoRA started from (c·A, B/c) instead of (A, B) should give the
   same W at every step (Theorem 4) when λ = 0; an absolute λ breaks that by an amount that depends
   on c. Reports ‖W_c − W_1‖ / ‖W_1 − W0‖ after the run for several c and λ.
+* ``normalization`` — (d, scale) AltLoRA+'s A phase divides by BᵀB, which grows from ≈ 0 over
+  training, so the scaled gradient shrinks while V (β2 0.999: a memory of ~1000 updates) still holds
+  the early, large values: the per-element step |M̂|/√V̂ of each factor over the epoch, against AdamW's.
 * ``subspace`` — (d) AltLoRA+'s second moment V is not carried into the new subspace while the first
   moment is: at every B phase, the largest principal angle between row(A) now and at the previous
   B phase (and the mirror for A phases) says how far the subspace V was accumulated in has turned.
@@ -44,7 +47,7 @@ def training_data():
     return TokenizedSet(train, tokenizer, 64)
 
 
-def trace(train, name, lr, steps, schedule="alternate", damping=None, seed=0, rescale=None, on_step=None):
+def trace(train, name, lr, steps, schedule="alternate", damping=None, seed=0, rescale=None, on_step=None, beta2=None):
     """Train ``steps`` steps of the one-epoch cosine protocol; call ``on_step(step, pairs, opt)``
     after each. ``rescale=c`` starts from (c·A, B/c) (B is zero at init, so only A changes)."""
     model = build_lora_model(8, 16.0, seed)
@@ -55,7 +58,7 @@ def trace(train, name, lr, steps, schedule="alternate", damping=None, seed=0, re
             for p in pairs:
                 p.A.mul_(rescale)
                 p.B.div_(rescale)
-    opt = build_optimizer(name, model, lr, schedule, "BA", damping)
+    opt = build_optimizer(name, model, lr, schedule, "BA", damping, beta2=beta2)
     epoch = steps_per_epoch(train, 32)
     schedulers = lr_schedule.attach(opt, epoch, 0.03, "cosine")
     for step, (ids, mask, labels) in enumerate(batches(train, 32, steps, seed, "by-length"), start=1):
@@ -155,17 +158,66 @@ def subspace(train, steps):
     return "\n".join(lines)
 
 
+def _normalized_step(m, v, n, beta1, beta2, eps):
+    """Mean over elements of |M̂| / (√V̂ + ε): how large Adam's per-element step is, in units of lr.
+    Near 1 while gradients keep their sign and scale; it shrinks when V remembers larger gradients
+    than the ones now arriving (or when M averages out)."""
+    m_hat = m / (1 - beta1 ** n)
+    v_hat = v / (1 - beta2 ** n)
+    return float((m_hat.abs() / (v_hat.sqrt() + eps)).mean())
+
+
+def normalization(train, steps, beta2=None):
+    """Per factor, over the epoch: the normalized step of AltLoRA+ (alternate) and of AdamW."""
+    series = {}
+
+    def record(label, pairs, opt, keys, betas, eps):
+        for factor in ("A", "B"):
+            values = []
+            for p in pairs:
+                st = opt.state.get(getattr(p, factor), {})
+                if keys[0] in st and float(st[keys[2]]) > 0:
+                    values.append(_normalized_step(st[keys[0]].double(), st[keys[1]].double(), float(st[keys[2]]),
+                                                   betas[0], betas[1], eps))
+            if values:
+                series.setdefault((label, factor), []).append(sum(values) / len(values))
+
+    b2 = beta2 or 0.999
+    every = 10
+
+    def alt(step, pairs, opt):
+        if step % every == 0:  # an A phase has just run; B's state is from the step before
+            record("altloraplus", pairs, opt, ("momentum", "variance", "step"), (0.9, b2), 1e-8)
+
+    def adamw(step, pairs, opt):
+        if step % every == 0:
+            record("adamw", pairs, opt, ("exp_avg", "exp_avg_sq", "step"), (0.9, 0.999), 1e-8)
+
+    trace(train, "altloraplus", 1e-3, steps, on_step=alt, beta2=beta2)
+    trace(train, "adamw", 1e-3, steps, on_step=adamw)
+    count = min(len(v) for v in series.values())
+    marks = sorted({i for i in (0, 1, 2, 4, 8, 16, count - 1) if 0 <= i < count})
+    lines = [f"Mean over elements and the 36 layers of |M̂| / (√V̂ + ε) (bias-corrected): the per-element step in "
+             f"units of lr. AltLoRA+ alternate (β2 {b2:g}) and AdamW, lr 1e-3, read every {every} steps.", "",
+             "| step | AltLoRA+ A | AltLoRA+ B | AdamW A | AdamW B |", "|---|---|---|---|---|"]
+    for i in marks:
+        vals = [series[(lab, f)][i] for lab in ("altloraplus", "adamw") for f in ("A", "B")]
+        lines.append(f"| {(i + 1) * every} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("movement", "invariance", "subspace"))
+    parser.add_argument("what", choices=("movement", "invariance", "subspace", "normalization"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
-    steps = args.steps or {"movement": 50, "invariance": 30, "subspace": 120}[args.what]
+    steps = args.steps or {"movement": 50, "invariance": 30, "subspace": 120, "normalization": 338}[args.what]
     train = training_data()
-    body = {"movement": movement, "invariance": invariance, "subspace": subspace}[args.what](train, steps)
+    body = {"movement": movement, "invariance": invariance, "subspace": subspace,
+            "normalization": normalization}[args.what](train, steps)
     os.makedirs(OUT, exist_ok=True)
     header = (f"# {args.what}\n\n- command: `.venv/bin/python experiments/mechanisms.py {' '.join(sys.argv[1:])}`\n"
               f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}\n- torch {torch.__version__}, "

@@ -46,8 +46,9 @@ PROTOCOL = dict(epochs=1, lr_schedule="cosine", warmup_ratio=0.03, batching="by-
 SEEDS = (0, 1, 2)
 
 
-def _grid(optimizer, schedule, lrs, dampings=(None,)):
-    return [dict(optimizer=optimizer, schedule=schedule, lr=lr, damping=d) for d in dampings for lr in lrs]
+def _grid(optimizer, schedule, lrs, dampings=(None,), beta2=None):
+    return [dict(optimizer=optimizer, schedule=schedule, lr=lr, damping=d, **({} if beta2 is None else {"beta2": beta2}))
+            for d in dampings for lr in lrs]
 
 
 # Arms and their lr grids (half-decades around the 100-step constant-lr optimum of each; an arm whose
@@ -59,6 +60,10 @@ ARMS = {
     "altloraplus-alternate": _grid("altloraplus", "alternate", (3e-4, 1e-3, 3e-3)),
     "altloraplus-sequential": _grid("altloraplus", "sequential", (3e-4, 1e-3, 3e-3)),
     # λ = 1e-3 only at the middle lr: one point on whether a larger absolute damping helps
+    # mechanisms.py normalization: AltLoRA+'s A-phase step shrinks because V remembers the large
+    # scaled gradients of the first phases (B ≈ 0); a shorter second-moment memory is one remedy
+    "altloraplus-alternate-beta2": _grid("altloraplus", "alternate", (3e-4, 1e-3), beta2=0.99)
+    + _grid("altloraplus", "alternate", (1e-3,), beta2=0.95),
     "altlora-alternate": _grid("altlora", "alternate", (0.03, 0.1, 0.3), (1e-6,)) + _grid("altlora", "alternate", (0.1,), (1e-3,)),
     "altlora-sequential": _grid("altlora", "sequential", (0.03, 0.1, 0.3), (1e-6,)),
 }
@@ -66,22 +71,32 @@ ARMS = {
 
 def key(setting, split, seed, extra=""):
     d = "" if setting.get("damping") is None else f" damping={setting['damping']:g}"
-    return f"{setting['optimizer']}/{setting['schedule']} lr={setting['lr']:g}{d} seed={seed} on {split}{extra}"
+    b = "" if setting.get("beta2") is None else f" beta2={setting['beta2']:g}"
+    return f"{setting['optimizer']}/{setting['schedule']} lr={setting['lr']:g}{d}{b} seed={seed} on {split}{extra}"
 
 
-def load_store():
-    if os.path.exists(STORE):
-        with open(STORE) as fh:
-            return json.load(fh)
-    return {"runs": {}}
+def load_store(own=STORE):
+    """Every finished run, from ``runs.json`` and any ``runs-*.json`` of other workers (two workers,
+    one per core, each write only their own file); ``own`` is the file this process writes."""
+    store = {"runs": {}, "own": own, "own_keys": []}
+    for name in sorted(os.listdir(OUT)) if os.path.isdir(OUT) else []:
+        if name.startswith("runs") and name.endswith(".json"):
+            with open(os.path.join(OUT, name)) as fh:
+                data = json.load(fh)
+            store["runs"].update(data["runs"])
+            if os.path.join(OUT, name) == own:
+                store["own_keys"] = list(data["runs"])
+                store["meta"] = data.get("meta", {})
+    return store
 
 
 def save_store(store):
     os.makedirs(OUT, exist_ok=True)
-    tmp = STORE + ".tmp"
+    own = {k: store["runs"][k] for k in store["own_keys"]}
+    tmp = store["own"] + ".tmp"
     with open(tmp, "w") as fh:
-        json.dump(store, fh, indent=1)
-    os.replace(tmp, STORE)
+        json.dump({"meta": store.get("meta", {}), "runs": own}, fh, indent=1)
+    os.replace(tmp, store["own"])
 
 
 def result_from(d) -> RunResult:
@@ -108,13 +123,14 @@ def run(store, data, setting, split, seed, overrides=None, extra=""):
     steps = round(p["epochs"] * steps_per_epoch(data.train, p["batch_size"]))
     cfg = RunConfig(optimizer=setting["optimizer"], lr=setting["lr"], seed=seed, steps=steps, rank=p["rank"],
                     alpha=p["alpha"], batch_size=p["batch_size"], eval_every=p["eval_every"], schedule=setting["schedule"],
-                    damping=setting.get("damping"), lr_schedule=p["lr_schedule"], warmup_ratio=p["warmup_ratio"],
+                    damping=setting.get("damping"), beta2=setting.get("beta2"), lr_schedule=p["lr_schedule"], warmup_ratio=p["warmup_ratio"],
                     batching=p["batching"], eval_split=split)
     print(f"{datetime.datetime.now():%H:%M:%S} run {k} ({steps} steps)", flush=True)
     result = train_run(cfg, data.train, data.splits[split])
     d = result.to_dict()
     d["key"] = k
     store["runs"][k] = d
+    store["own_keys"].append(k)
     save_store(store)
     status = f"diverged at {result.diverged_at}" if result.diverged_at else f"{split} accuracy {result.final_accuracy:.4f}"
     print(f"{datetime.datetime.now():%H:%M:%S}   -> {status}, loss {result.final_loss:.4f}, "
@@ -137,13 +153,14 @@ def best_setting(store, arm):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("phase", choices=("sweep", "final", "equal-work", "report"))
+    parser.add_argument("phase", choices=("sweep", "final", "dev-seeds", "equal-work", "report"))
     parser.add_argument("--only", default=",".join(ARMS), help="comma-separated arms")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--worker", default="", help="a second worker on another core writes runs-WORKER.json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(args.threads)
-    store = load_store()
+    store = load_store(os.path.join(OUT, f"runs-{args.worker}.json") if args.worker else STORE)
     store.setdefault("meta", {}).update(torch=torch.__version__, machine=f"{platform.machine()}, {args.threads} torch thread(s)",
                                         protocol=PROTOCOL)
     arms = [a.strip() for a in args.only.split(",") if a.strip()]
@@ -160,6 +177,12 @@ def main():
         if args.phase == "sweep":
             for setting in ARMS[arm]:
                 run(store, data, setting, "dev", 0)
+        elif args.phase == "dev-seeds":
+            # the chosen setting over seeds 1 and 2 on dev too: a default changes only on 3 dev seeds
+            setting = best_setting(store, arm)
+            if setting is not None:
+                for seed in SEEDS[1:]:
+                    run(store, data, setting, "dev", seed)
         elif args.phase == "equal-work":
             # `alternate` updates each factor every other step: with twice the steps it gets as many
             # factor updates as AdamW or `sequential` in one epoch (mechanism (a)); dev only

@@ -65,9 +65,10 @@ def _altlora(model, lr, schedule, order, damping=None, head_lr=None, **_):
     return altlora.AltLoRA(model, lr=lr, schedule=schedule, order=order, other_lr=head_lr or HEAD_LR, **_damping(damping))
 
 
-def _altloraplus(model, lr, schedule, order, damping=None, head_lr=None, **_):
+def _altloraplus(model, lr, schedule, order, damping=None, head_lr=None, beta2=None, **_):
+    extra = {} if beta2 is None else {"betas": (0.9, beta2)}
     return altlora.AltLoRAPlus(model, lr=lr, schedule=schedule, order=order, other_lr=head_lr or HEAD_LR,
-                               **_damping(damping))
+                               **_damping(damping), **extra)
 
 
 def _adamw(model, lr, **_):
@@ -100,11 +101,13 @@ DEFAULT_OPTIMIZERS = ("altlora", "altloraplus", "adamw", "loraplus")
 
 
 def build_optimizer(name: str, model, lr: float, schedule: str = "alternate", order: str = "BA", damping=None,
-                    head_lr=None):
+                    head_lr=None, beta2=None):
+    """``beta2``: AltLoRA+'s second-moment decay (None = its default 0.999); ignored by the others."""
     if name not in OPTIMIZERS:
         raise CLIError(f"unknown optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
     try:
-        return OPTIMIZERS[name].build(model, lr=lr, schedule=schedule, order=order, damping=damping, head_lr=head_lr)
+        return OPTIMIZERS[name].build(model, lr=lr, schedule=schedule, order=order, damping=damping, head_lr=head_lr,
+                                      beta2=beta2)
     except ValueError as err:
         raise CLIError(f"{name}: {err}") from None
 

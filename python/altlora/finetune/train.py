@@ -31,6 +31,7 @@ class RunConfig:
     order: str = "BA"
     damping: Optional[float] = None  # AltLoRA / AltLoRA+ only; None = the optimizer's default
     head_lr: Optional[float] = None  # AdamW lr of the head for altlora/altloraplus/sgd; None = HEAD_LR
+    beta2: Optional[float] = None  # AltLoRA+ only; None = the optimizer's default
     lr_schedule: str = "constant"  # see lr_schedule.py
     warmup_ratio: float = 0.0
     batching: str = "random"  # see data.BATCHING
@@ -80,7 +81,7 @@ def train_run(cfg: RunConfig, train: TokenizedSet, val: TokenizedSet, progress=N
     or gradient) stops and is reported as diverged instead of aborting the comparison."""
     model = build_lora_model(cfg.rank, cfg.alpha, cfg.seed)
     model.train()
-    opt = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.schedule, cfg.order, cfg.damping, cfg.head_lr)
+    opt = build_optimizer(cfg.optimizer, model, cfg.lr, cfg.schedule, cfg.order, cfg.damping, cfg.head_lr, cfg.beta2)
     schedulers = lr_schedule.attach(opt, cfg.steps, cfg.warmup_ratio, cfg.lr_schedule)
     result = RunResult(cfg)
     if progress is not None:
