@@ -2,7 +2,7 @@
 
 One seed (0), the default settings of ``altlora finetune`` (MiniLM, LoRA r 8 / α 16 on
 query/key/value/dense, batch 32, 64 tokens, the default number of steps), a grid of learning rates
-per optimizer, and for AltLoRA also the damping λ (DESIGN.md §5 found both matter). Writes
+per optimizer, and for AltLoRA also the damping λ (both matter here: see experiments/results/lr_sweep.md). Writes
 ``experiments/results/lr_sweep.json`` and ``lr_sweep.md``; the best validation accuracy per
 optimizer is the default in ``python/altlora/finetune/optimizers.py``.
 
