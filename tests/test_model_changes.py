@@ -164,3 +164,16 @@ def test_rebuild_refused_where_it_is_not_sound():
     prob.set_grads(2, model.pairs)
     with pytest.raises(RuntimeError, match="changed dtype or device after the optimizer was built.*build the optimizer"):
         opt.step()
+
+
+def test_casting_some_layers_regroups_them_and_auto_rechooses():
+    prob, model, opt = _build("auto", "AltLoRA")
+    _steps(prob, model, opt, 0, 2)
+    cast = model.pairs[1]
+    cast.A.data = cast.A.data.double()
+    cast.B.data = cast.B.data.double()
+    _steps(prob, model, opt, 2, 4)
+    assert opt.backends["layer1"] == "torch"  # float64: the backend that computes in it
+    assert opt.state[cast.A]["momentum"].dtype == torch.float64
+    assert opt.state[model.pairs[0].A]["momentum"].dtype == torch.float32
+    assert cast.A.dtype == torch.float64 and model.pairs[0].A.dtype == torch.float32
