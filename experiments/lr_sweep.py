@@ -25,7 +25,8 @@ import warnings
 
 import torch
 
-from altlora.cli import DEFAULT_STEPS
+DEFAULT_STEPS = 100  # the length the old defaults were swept at
+
 from altlora.finetune.data import TokenizedSet, load_snippets, split_by_movie
 from altlora.finetune.model import load_tokenizer
 from altlora.finetune.train import RunConfig, train_run

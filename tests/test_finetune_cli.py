@@ -269,3 +269,12 @@ def test_threads_follow_the_idle_cores_unless_given(monkeypatch):
     monkeypatch.setattr(threads.os, "getloadavg", lambda: (9.0, 0.0, 0.0))
     assert threads.choose_threads(None)[0] == 1
     assert threads.choose_threads(3) == (3, "--threads")
+
+
+def test_the_default_protocol_is_one_epoch_cosine_with_warmup(tmp_path, monkeypatch):
+    calls = _fake_runs(monkeypatch)
+    assert main(["finetune", "--optimizers", "adamw", "--no-progress", "--output", str(tmp_path)]) == 0
+    (cfg,) = calls
+    assert (cfg.steps, cfg.lr_schedule, cfg.warmup_ratio, cfg.batching, cfg.eval_split) == (4, "cosine", 0.03, "by-length", "validation")
+    meta = json.loads((tmp_path / "results.json").read_text())["meta"]
+    assert meta["epochs"] == 1.0 and meta["steps"] == 4 and "1 epoch" in meta["title"]

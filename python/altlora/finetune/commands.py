@@ -46,10 +46,15 @@ def _progress(total: int, desc: str, disabled: bool):
 
 
 def resolve_steps(args, train: TokenizedSet) -> int:
-    """``--steps``, or the steps that show ``--epochs`` × the training split's snippets (rounded up)."""
-    if getattr(args, "epochs", None):
-        return max(1, math.ceil(args.epochs * len(train) / args.batch_size - 1e-9))
-    return args.steps
+    """``--steps``, or the steps that show ``--epochs`` (default 1) × the training split's snippets,
+    rounded up."""
+    if args.steps:
+        return args.steps
+    from ..cli import DEFAULT_EPOCHS
+
+    if not getattr(args, "epochs", None):
+        args.epochs = DEFAULT_EPOCHS
+    return max(1, math.ceil(args.epochs * len(train) / args.batch_size - 1e-9))
 
 
 def _run_all(make_configs, args, title: str) -> List[RunResult]:
@@ -152,7 +157,7 @@ def finetune(args, lrs: Dict[str, float]) -> int:
 
 
 def _length(args) -> str:
-    return f"{args.epochs:g} epoch(s)" if getattr(args, "epochs", None) else f"{args.steps} steps"
+    return f"{args.steps} steps" if args.steps else f"{args.epochs or 1:g} epoch(s)"
 
 
 ABLATION_VARIANTS = ("altlora", "altloraplus")
