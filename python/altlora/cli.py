@@ -122,6 +122,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .finetune.optimizers import DEFAULT_OPTIMIZERS, OPTIMIZERS
+    from .schedule import ORDERS, SCHEDULES
 
     parser = _Parser(prog="altlora", description="AltLoRA / AltLoRA+ for LoRA adapters: fine-tuning runs and experiments.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="{finetune,experiment}")
@@ -138,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="learning rate of one optimizer, e.g. --lr altlora=0.05 (repeatable or comma-separated); "
                          "defaults: " + ", ".join(f"{k}={v.default_lr:g}" for k, v in OPTIMIZERS.items()))
     ft.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated seeds (default 0)")
-    ft.add_argument("--schedule", choices=("alternate", "sequential", "joint"), default="alternate",
+    ft.add_argument("--schedule", choices=SCHEDULES, default="alternate",
                     help="AltLoRA/AltLoRA+ schedule (default alternate)")
-    ft.add_argument("--order", choices=("BA", "AB"), default="BA", help="AltLoRA/AltLoRA+ factor order (default BA)")
+    ft.add_argument("--order", choices=ORDERS, default="BA", help="AltLoRA/AltLoRA+ factor order (default BA)")
     ft.add_argument("--output", default="runs/finetune", help="directory for results (default runs/finetune)")
 
     ex = sub.add_parser("experiment", help="experiments from the paper on this task")
