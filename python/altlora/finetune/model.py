@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from typing import Sequence
 
@@ -30,6 +31,10 @@ def model_path() -> str:
 
 def _quiet_transformers():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never reach for a hub
+    # peft imports bitsandbytes when it is installed (the QLoRA tests use it); on CPUs with
+    # avx512-bf16 it warns at import that an optional downloadable kernel is missing. We use no
+    # quantized layer here, so the warning is only noise in the job's output.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     transformers = require("transformers", "pip install transformers")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
