@@ -239,9 +239,10 @@ def _keep_args(keep: Optional[torch.Tensor], fallback: torch.Tensor):
     return keep, keep.stride(0), keep.stride(1)
 
 
-def _launch(kernel: LazyKernel, grid, args: tuple, constexprs: dict, options: dict) -> Launch:
+def _launch(kernel: LazyKernel, device: torch.device, grid, args: tuple, constexprs: dict, options: dict) -> Launch:
+    # Every launch of this module goes through here, with the tensors' device made current for it.
     options = dict(options)
-    return Launch(kernel, tuple(grid), args, constexprs, options.pop("num_warps", None), options)
+    return Launch(kernel, tuple(grid), args, constexprs, options.pop("num_warps", None), options, device=device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def project(x: torch.Tensor, m: torch.Tensor, scale: float, keep: Optional[torch
     blocks, launch = launch_config("project", x.dtype, _gpu(x.device))
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
     grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]), triton.cdiv(rank, rank_block))
-    _launch(PROJECT_KERNEL, grid, (
+    _launch(PROJECT_KERNEL, x.device, grid, (
         x, m, keep_t, out, n_rows, n_cols, rank,
         x.stride(0), x.stride(1), m.stride(0), m.stride(1), stride_km, stride_kc, out.stride(0), out.stride(1),
         float(scale),
@@ -289,7 +290,7 @@ def matmul_plus_low_rank(
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
     bias_t = bias if bias is not None else x
     grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]) * triton.cdiv(n_cols, blocks["BLOCK_C"]),)
-    _launch(MATMUL_PLUS_LOW_RANK_KERNEL, grid, (
+    _launch(MATMUL_PLUS_LOW_RANK_KERNEL, x.device, grid, (
         x, w, h, l, bias_t, keep_t, out, n_rows, n_cols, n_inner, rank,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), h.stride(0), h.stride(1), l.stride(0), l.stride(1),
         stride_km, stride_kc, out.stride(0), out.stride(1),
@@ -329,7 +330,7 @@ def low_rank_grad(h: torch.Tensor, x: torch.Tensor, scale: float, keep: Optional
         out = torch.empty((splits, rank, n_cols), device=x.device, dtype=torch.float32)
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
     grid = (triton.cdiv(n_cols, block_c), splits, triton.cdiv(rank, rank_block))
-    _launch(LOW_RANK_GRAD_KERNEL, grid, (
+    _launch(LOW_RANK_GRAD_KERNEL, x.device, grid, (
         h, x, keep_t, out, n_rows, n_cols, rank, rows_per_split,
         h.stride(0), h.stride(1), x.stride(0), x.stride(1), stride_km, stride_kc,
         out.stride(0), out.stride(1), out.stride(2),

@@ -26,7 +26,6 @@ contiguous, non-contiguous state) are handed to the torch backend, which compute
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import List, Optional, Sequence
 
@@ -36,7 +35,7 @@ from .phase_types import FactorGroup, PhaseHyperParams
 from .torch_phase_update import phase_update_torch
 from .triton_cholesky import factor_launch
 from .triton_phase_tables import FACTOR_WARPS, GRAD_FIELDS, MAX_RANK, NUM_FIELDS, UPDATE_WARPS, Field, plan_buckets
-from .triton_runtime import MIN_DOT_EXTENT, LazyKernel, Launch, device_reason, tl
+from .triton_runtime import MIN_DOT_EXTENT, LazyKernel, Launch, device_guard, device_reason, tl
 
 __all__ = ["unavailable_reason", "phase_update", "phase_launches", "update_kernel", "reduce_kernel", "SUPPORTED_DTYPES"]
 
@@ -360,6 +359,6 @@ def phase_update(
         phase_update_torch(fallback, hp, found_inf)
     if taken:
         # Triton launches on the current CUDA device; make it the factors' one.
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with device_guard(device):
             for launch in phase_launches(taken, hp, found_inf):
                 launch()

@@ -10,12 +10,14 @@
   same reason kernels call only builtins of ``triton.language`` (``tl.full``, ``tl.reduce``), not
   the jit helpers of ``triton.language.standard`` (``tl.zeros``, ``tl.sum``, ``tl.cdiv``), which
   were decorated for the mode of the moment Triton was imported.
-* :class:`Launch`: one launch described before it runs (tests compile these for a GPU target).
+* :class:`Launch`: one launch described before it runs (tests compile these for a GPU target); it
+  runs under :func:`device_guard` of its tensors' device.
 * :data:`MIN_DOT_EXTENT` and :func:`dot_extent`: the one hardware fact about ``tl.dot`` shapes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
@@ -39,6 +41,7 @@ __all__ = [
     "device_reason",
     "LazyKernel",
     "Launch",
+    "device_guard",
 ]
 
 # Every dimension of a tl.dot must be at least 16 for a GPU compiler (NVIDIA's MMA tiles); the
@@ -92,6 +95,18 @@ def device_reason(device: Optional[torch.device], *, cuda_in_interpreter: bool =
     return f"backend='triton' runs on CUDA devices (or the CPU with TRITON_INTERPRET=1), not on {device.type}"
 
 
+def device_guard(device: Optional[torch.device]):
+    """Make ``device`` current while a launch runs (a no-op context off CUDA).
+
+    Triton launches on the *current* CUDA device and its current stream, not on the device of the
+    tensors it is given: a layer on cuda:1 launched while cuda:0 is current (``device_map="auto"``,
+    DDP without ``torch.cuda.set_device``) would read cuda:1 pointers from a cuda:0 kernel.
+    """
+    if device is not None and torch.device(device).type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 class LazyKernel:
     """A kernel body decorated with ``triton.jit`` on first use, once per mode (compiled / interpreted)."""
 
@@ -125,9 +140,14 @@ class Launch:
     constexprs: Dict[str, object]
     num_warps: Optional[int] = None  # None: Triton's default
     options: Dict[str, object] = field(default_factory=dict)  # other launch options (num_stages)
+    device: Optional[torch.device] = None  # made current for the launch (see device_guard); None: as is
+    # Tensors whose addresses the kernel reads from a table (not through ``args``): held here so
+    # that temporaries (cast or contiguous gradients) outlive the launch that reads them.
+    keep_alive: tuple = ()
 
     def __call__(self) -> None:
         options = dict(self.options)
         if self.num_warps is not None:
             options["num_warps"] = self.num_warps
-        self.kernel[self.grid](*self.args, **self.constexprs, **options)
+        with device_guard(self.device):
+            self.kernel[self.grid](*self.args, **self.constexprs, **options)

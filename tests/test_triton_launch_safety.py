@@ -1,0 +1,97 @@
+"""What a GPU would show and the interpreter does not: launches on the tensors' device, temporaries
+kept alive for the kernels that read them through a table, int64 addressing, NaN-preserving bf16
+write-back, launch configurations that fit each GPU's shared memory.
+
+Everything here runs on the CPU (structurally, in Triton's interpreter, or as ahead-of-time builds
+for sm_80/sm_86/sm_90); nothing replaces running the kernels on a real device.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton", reason="the triton backend needs the 'triton' package")
+
+from altlora_kernels import triton_lora_linear, triton_runtime  # noqa: E402
+from altlora_kernels.triton_runtime import LazyKernel, device_guard  # noqa: E402
+
+
+# ----------------------------------------------------------------------------- hazard 1: device guard
+class _RecordedDevice:
+    """Stands in for torch.cuda.device: records the device it is asked for and when it is current."""
+
+    current = []
+    asked = []
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        _RecordedDevice.asked.append(self.device)
+
+    def __enter__(self):
+        _RecordedDevice.current.append(self.device)
+
+    def __exit__(self, *exc):
+        _RecordedDevice.current.pop()
+
+
+@pytest.fixture
+def recorded_cuda_device(monkeypatch):
+    _RecordedDevice.current, _RecordedDevice.asked = [], []
+    monkeypatch.setattr(torch.cuda, "device", _RecordedDevice)
+    return _RecordedDevice
+
+
+def test_device_guard_makes_the_tensors_cuda_device_current(recorded_cuda_device):
+    with device_guard(torch.device("cuda", 1)):
+        assert recorded_cuda_device.current == [torch.device("cuda", 1)]
+    assert recorded_cuda_device.current == []
+    for off_cuda in (torch.device("cpu"), None):
+        with device_guard(off_cuda):
+            pass
+    assert recorded_cuda_device.asked == [torch.device("cuda", 1)]
+
+
+def test_launch_runs_its_kernel_under_the_guard_of_its_device(recorded_cuda_device):
+    seen = []
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: seen.append(list(recorded_cuda_device.current))
+
+    triton_runtime.Launch(FakeKernel(), (1,), (), {}, device=torch.device("cuda", 3))()
+    triton_runtime.Launch(FakeKernel(), (1,), (), {})()
+    assert seen == [[torch.device("cuda", 3)], []]
+
+
+def test_every_fused_linear_launch_is_guarded_on_its_tensors_device(monkeypatch):
+    """Each launcher of triton_lora_linear launches inside device_guard(x.device) (CPU here)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    active, launched = [], []
+
+    @contextlib.contextmanager
+    def recording_guard(device):
+        active.append(device)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    original = LazyKernel.__getitem__
+
+    def recording_getitem(self, grid):
+        launched.append((self.__name__, list(active)))
+        return original(self, grid)
+
+    monkeypatch.setattr(triton_runtime, "device_guard", recording_guard)
+    monkeypatch.setattr(LazyKernel, "__getitem__", recording_getitem)
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(9, 7, generator=g), torch.randn(7, 5, generator=g)
+    h, l = torch.randn(9, 3, generator=g), torch.randn(3, 5, generator=g)
+    triton_lora_linear.project(x, l.T.contiguous(), 1.0)
+    triton_lora_linear.matmul_plus_low_rank(x, w, h, l, 0.5)
+    triton_lora_linear.low_rank_grad(h, x, 1.0, splits=2)
+    names = [name for name, _ in launched]
+    assert names == ["_project_kernel", "_matmul_plus_low_rank_kernel", "_low_rank_grad_kernel"]
+    for name, guards in launched:
+        assert guards == [x.device], f"{name} launched outside device_guard({x.device}): {guards}"
