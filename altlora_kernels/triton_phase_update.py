@@ -169,12 +169,19 @@ def _update_kernel(
             direction = (momentum / bias1) / (tl.sqrt(variance / bias2) + eps)
         else:
             direction = momentum
-        x_new = x_old - lr * (direction + weight_decay * x_old)
+        # Decay as a factor (as the torch backend does): an Inf parameter stays Inf (Inf − Inf and
+        # 0·Inf would make it NaN) and weight_decay = 0 leaves x_old exact.
+        x_new = x_old * (1.0 - lr * weight_decay) - lr * direction
         if PARAM_DTYPE == tl.bfloat16:
             # Round to nearest even on the bits: Triton's interpreter truncates fp32 → bf16 casts
             # (a GPU rounds), and both must write what torch's .to(torch.bfloat16) writes.
+            # NOTE: the carry of that addition runs through a NaN's mantissa into its exponent and
+            # sign (the GPU's NaN 0x7FFFFFFF became −0.0, a silent zero), so a NaN is written as
+            # torch's bf16 NaN 0x7FC0 instead. ±Inf (zero mantissa) and finite values that round
+            # up to ±Inf come out of the addition as torch's do.
             bits = x_new.to(tl.int32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+            bits = tl.where(x_new != x_new, 0x7FC00000, rounded)
             x_new = bits.to(tl.float32, bitcast=True)
         x_new = x_new.to(PARAM_DTYPE)
 
