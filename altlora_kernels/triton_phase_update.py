@@ -310,6 +310,10 @@ def phase_launches(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_in
     flag = found_inf.to(torch.float32) if has_flag else groups[0].step  # a placeholder pointer, never read
     launches = []
     for bucket in plan_buckets(groups, grads):
+        # The gradient table holds raw addresses: the update launch keeps the tensors behind them
+        # (casts and contiguous copies are temporaries of this call) until it has been enqueued;
+        # once it has, freeing them is stream-ordered by the caching allocator.
+        bucket_grads = tuple(t for gi, _ in bucket.members for t in grads[gi])
         launches.append(factor_launch(bucket.layers, bucket.padded, hp.damping, bucket.precond, bucket.carry))
         launches.append(
             Launch(
@@ -333,6 +337,7 @@ def phase_launches(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_in
                     GRAD_DTYPE=_TL_DTYPES[bucket.grad_dtype],
                 ),
                 UPDATE_WARPS[bucket.padded],
+                keep_alive=bucket_grads,
             )
         )
         launches.append(

@@ -135,3 +135,35 @@ def test_bf16_write_back_keeps_nan_and_inf(interpreter, nan_bits, adaptive, weig
     assert torch.equal(got_p.isposinf(), want_p.isposinf()) and torch.equal(got_p.isneginf(), want_p.isneginf())
     finite = want_p.isfinite()
     torch.testing.assert_close(got_p[finite], want_p[finite], rtol=1e-2, atol=1e-2)
+
+
+# ----------------------------------------------------------------------------- hazard 4: temporaries in the work table
+def test_update_launch_keeps_the_gradients_its_table_points_at():
+    """Cast or contiguous gradients are temporaries whose addresses go into the gradient table: the
+    update launch must hold them (else they are freed, and their memory reusable, before it runs)."""
+    from altlora_kernels import PhaseHyperParams, triton_phase_update
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(4, 9, generator=g) for _ in range(3)]
+    grads = [torch.randn(4, 9, generator=g).to(torch.bfloat16),  # the group's gradient dtype
+             torch.randn(4, 9, generator=g),  # cast to bf16: a temporary
+             torch.randn(9, 4, generator=g).to(torch.bfloat16).T]  # strided: a contiguous temporary
+    group = _one_layer_group(params[0], grads[0])
+    group.params, group.grads = params, grads
+    for name in ("momentum", "variance"):
+        setattr(group, name, torch.zeros(3, 4, 9))
+    for name in ("gram", "cross", "other_gram", "other_cross"):
+        setattr(group, name, torch.eye(4).expand(3, 4, 4).clone())
+    group.step, group.inv_scale_sq = torch.zeros(3), torch.ones(3)
+    hp = PhaseHyperParams(lr=0.1, beta1=0.9, weight_decay=0.0, damping=1e-3)
+    launches = triton_phase_update.phase_launches([group], hp, None)
+    updates = [launch for launch in launches if launch.kernel is triton_phase_update.update_kernel]
+    assert len(updates) == 1
+    (update,) = updates
+    table_ptrs = update.args[1][:, 0].tolist()  # the gradient table: (data_ptr, lead) per layer
+    held = {t.data_ptr(): t for t in update.keep_alive}
+    assert table_ptrs[0] == grads[0].data_ptr()
+    assert table_ptrs[1] != grads[1].data_ptr() and table_ptrs[2] != grads[2].data_ptr()  # temporaries
+    for i, ptr in enumerate(table_ptrs):
+        assert ptr in held, f"layer {i}: the table points at a gradient no launch holds"
+        assert held[ptr].dtype == torch.bfloat16 and held[ptr].stride(1) == 1
