@@ -12,8 +12,11 @@ Three kernels cover the forward and the backward (``keep`` is the optional dropo
   ``dA`` (h = g) and ``dBᵀ`` (h = drop(x)·Aᵀ, x = dy), split over N for parallelism; partial sums
   are added by torch in a fixed order, so the result is deterministic.
 
-Every kernel accumulates in fp32 and takes arbitrary strides, so transposed views need no copy;
-row offsets are int64, so N × features may exceed 2³¹.
+Every kernel accumulates in fp32 and takes arbitrary strides, so transposed views need no copy.
+Every index that multiplies a stride (rows, columns, K, ranks, splits) is int64: a column-major
+x (column stride N), a transposed weight (W0ᵀ has column stride K) or a split stride R·C would
+overflow int32 products past 2³¹ elements (tests/test_triton_launch_safety.py reads the compiled
+address arithmetic).
 
 Compile rules that the interpreter (``TRITON_INTERPRET=1``) does not enforce are kept here:
 ``tl.dot`` needs every dimension ≥ 16, so the rank is processed in blocks of a power of two
@@ -61,10 +64,10 @@ def _project_kernel(
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK_BLOCK: tl.constexpr,
 ):
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    ranks = tl.program_id(1) * RANK_BLOCK + tl.arange(0, RANK_BLOCK)
+    ranks = (tl.program_id(1) * RANK_BLOCK + tl.arange(0, RANK_BLOCK)).to(tl.int64)
     acc = tl.full((BLOCK_M, RANK_BLOCK), 0.0, tl.float32)
     for c0 in range(0, n_cols, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+        cols = (c0 + tl.arange(0, BLOCK_C)).to(tl.int64)
         x_ok = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xc, mask=x_ok, other=0.0)
         # mᵀ tile (BLOCK_C, RANK_BLOCK) read through swapped strides
@@ -102,13 +105,13 @@ def _matmul_plus_low_rank_kernel(
     pid_m = first_m + (pid % per_group) % group_rows
     pid_c = (pid % per_group) // group_rows
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     row_ok = rows < n_rows
     col_ok = cols < n_cols
 
     acc = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
     for k0 in range(0, n_inner, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
                     mask=row_ok[:, None] & (ks[None, :] < n_inner), other=0.0)
         w = tl.load(w_ptr + ks[:, None] * stride_wk + cols[None, :] * stride_wc,
@@ -122,7 +125,7 @@ def _matmul_plus_low_rank_kernel(
     # not hold registers during it; the rank loop runs once for r ≤ MAX_RANK_BLOCK.
     low_rank = tl.full((BLOCK_M, BLOCK_C), 0.0, tl.float32)
     for r0 in range(0, rank, RANK_BLOCK):
-        ranks = r0 + tl.arange(0, RANK_BLOCK)
+        ranks = (r0 + tl.arange(0, RANK_BLOCK)).to(tl.int64)
         h = tl.load(h_ptr + rows[:, None] * stride_hm + ranks[None, :] * stride_hr,
                     mask=row_ok[:, None] & (ranks[None, :] < rank), other=0.0)
         lt = tl.load(l_ptr + ranks[:, None] * stride_lr + cols[None, :] * stride_lc,
@@ -151,9 +154,9 @@ def _low_rank_grad_kernel(
     HAS_KEEP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, RANK_BLOCK: tl.constexpr,
 ):
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cols = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
     split = tl.program_id(1)
-    ranks = tl.program_id(2) * RANK_BLOCK + tl.arange(0, RANK_BLOCK)
+    ranks = (tl.program_id(2) * RANK_BLOCK + tl.arange(0, RANK_BLOCK)).to(tl.int64)
     row_start = split * rows_per_split
     row_end = tl.minimum(row_start + rows_per_split, n_rows)
     acc = tl.full((RANK_BLOCK, BLOCK_C), 0.0, tl.float32)
@@ -173,7 +176,7 @@ def _low_rank_grad_kernel(
             x = tl.where(keep != 0, x, tl.full((BLOCK_M, BLOCK_C), 0.0, x.dtype))
         acc = tl.dot(ht, x, acc, input_precision=PRECISION)
     out = acc * scale
-    tl.store(out_ptr + split * stride_os + ranks[:, None] * stride_or + cols[None, :] * stride_oc,
+    tl.store(out_ptr + split.to(tl.int64) * stride_os + ranks[:, None] * stride_or + cols[None, :] * stride_oc,
              out.to(out_ptr.dtype.element_ty), mask=(ranks[:, None] < rank) & (cols[None, :] < n_cols))
 
 

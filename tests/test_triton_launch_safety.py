@@ -167,3 +167,43 @@ def test_update_launch_keeps_the_gradients_its_table_points_at():
     for i, ptr in enumerate(table_ptrs):
         assert ptr in held, f"layer {i}: the table points at a gradient no launch holds"
         assert held[ptr].dtype == torch.bfloat16 and held[ptr].stride(1) == 1
+
+
+# ----------------------------------------------------------------------------- ahead-of-time builds
+_AOT_SCRIPT = __file__.rsplit("/", 1)[0] + "/triton_aot.py"
+
+
+def _aot_builds(specs, tmp_path):
+    """Build ``specs`` (see triton_aot.py) for their GPU targets in a process without TRITON_INTERPRET."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, _AOT_SCRIPT], input=json.dumps(specs), env=env, capture_output=True,
+                          text=True, timeout=900)
+    if proc.returncode != 0 and ("ModuleNotFoundError" in proc.stderr or "ImportError" in proc.stderr):
+        pytest.skip(f"Triton cannot compile ahead of time here: {proc.stderr.strip().splitlines()[-1]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(specs)
+    return results
+
+
+# ----------------------------------------------------------------------------- hazard 2: int64 addressing
+def test_fused_linear_address_arithmetic_is_int64(tmp_path):
+    """No index × stride product of the fused linear is computed in int32 (a column-major x or W0ᵀ has
+    column stride N or K, so ``cols * stride`` passes 2³¹ for tensors of more than 2³¹ elements):
+    read from the compiled Triton IR (sm_90), where every pointer offset must be int64."""
+    specs = []
+    for kernel in ("project", "matmul_plus_low_rank", "low_rank_grad"):
+        blocks, launch = triton_lora_linear.launch_config(kernel, torch.float32)
+        specs.append(dict(kernel=kernel, dtype="fp32", rank_block=64, has_keep=True, has_bias=True,
+                          blocks=blocks, launch=launch, arch=90))
+    for result in _aot_builds(specs, tmp_path):
+        assert result["i32_tensor_muls"] == [], f"{result['kernel']}: int32 index products {result['i32_tensor_muls']}"
+        assert result["narrow_addptr_offsets"] == [], f"{result['kernel']}: {result['narrow_addptr_offsets']}"
