@@ -11,7 +11,8 @@ OUT = os.path.join(HERE, "results", "study")
 
 def _setting_label(s):
     d = "" if s.get("damping") is None else f", λ {s['damping']:g}"
-    return f"lr {s['lr']:g}{d}"
+    b = "" if s.get("beta2") is None else f", β2 {s['beta2']:g}"
+    return f"lr {s['lr']:g}{d}{b}"
 
 
 def sweep_table(store, arms, key):
@@ -47,6 +48,27 @@ def final_table(store, arms, best_setting, key, seeds):
     return "\n".join(lines), per_arm
 
 
+def dev_seeds_table(store, arms, best_setting, key, seeds):
+    """The chosen settings over all seeds on dev: the evidence a default change needs."""
+    lines = ["| arm | setting | dev accuracy, mean ± std | per seed |", "|---|---|---|---|"]
+    for arm in arms:
+        s = best_setting(store, arm)
+        runs = [store["runs"].get(key(s, "dev", seed)) for seed in seeds] if s else []
+        if runs and all(runs):
+            accs = [r["final_accuracy"] if not r["diverged_at"] else float("nan") for r in runs]
+            lines.append(f"| {arm} | {_setting_label(s)} | {mean_std(accs)} | {', '.join(f'{a:.4f}' for a in accs)} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def extra_table(store):
+    lines = ["| run | dev accuracy | final train loss |", "|---|---|---|"]
+    for k, d in store["runs"].items():
+        if "epochs=" in k:
+            acc = f"diverged at {d['diverged_at']}" if d["diverged_at"] else f"{d['final_accuracy']:.4f}"
+            lines.append(f"| {k} | {acc} | {d['final_loss']:.4f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def paired_table(per_arm, seeds, baseline="adamw"):
     if baseline not in per_arm:
         return ""
@@ -78,6 +100,14 @@ def write(store, arms, best_setting, key, result_from, seeds=(0, 1, 2)):
                  "Command: `.venv/bin/python experiments/study.py final --only ARMS`\n\n" + final + "\n")
         if paired:
             fh.write("\n## Paired per seed against AdamW (same seed: same model init, head and batches)\n\n" + paired + "\n")
+        dev3 = dev_seeds_table(store, arms, best_setting, key, seeds)
+        if dev3:
+            fh.write("\n## Dev, 3 seeds at the chosen settings (what a change of default rests on)\n\n"
+                     "Command: `.venv/bin/python experiments/study.py dev-seeds --only ARMS`\n\n" + dev3 + "\n")
+        extra = extra_table(store)
+        if extra:
+            fh.write("\n## Equal work: `alternate` for two epochs (dev, seed 0)\n\n"
+                     "Command: `.venv/bin/python experiments/study.py equal-work --only ARMS`\n\n" + extra + "\n")
     results = [result_from(r) for _, runs, _ in per_arm.values() for r in runs]
     if results:
         plot_curves(results, os.path.join(OUT, "curves-validation.png"), "validation")
