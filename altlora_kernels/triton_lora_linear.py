@@ -23,8 +23,10 @@ Compile rules that the interpreter (``TRITON_INTERPRET=1``) does not enforce are
 ≥ 16 with masked loads (r = 8 is the paper's default); fp32 ``tl.dot`` uses TF32 on a GPU unless
 ``input_precision="ieee"``, which we ask for with fp32 inputs to match torch's fp32 matmul; the
 interpreter has no bf16 arithmetic, so there tiles are cast to fp32 right after loading; block
-sizes are fixed (no ``@triton.autotune``, which the interpreter cannot run); kernels are
+sizes come from a fixed table (no ``@triton.autotune``, which the interpreter cannot run), the
+first entry that fits the device's shared memory per block (:func:`launch_config`); kernels are
 ``triton_runtime.LazyKernel``s and use only builtins of ``triton.language`` (see there why).
+Launches run with the tensors' device made current (``triton_runtime.device_guard``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,9 @@ from .triton_runtime import LazyKernel, Launch, device_reason, dot_extent, inter
 __all__ = [
     "SUPPORTED_DTYPES",
     "unavailable_reason",
+    "launch_candidates",
     "launch_config",
+    "shared_memory_per_block",
     "project",
     "matmul_plus_low_rank",
     "low_rank_grad",
@@ -207,26 +211,77 @@ def _gpu(device: torch.device) -> bool:
     return device.type == "cuda" and not interpreter_enabled()
 
 
-# Fixed tiles (no autotuning: the interpreter cannot run it, and these are the usual good choices
-# for H100-class GPUs). Two-byte dtypes take a deeper K tile than fp32 for the same shared memory.
+# Fixed tiles (no autotuning: the interpreter cannot run it). Per kernel and dtype class, launch
+# configurations in order of preference, each with the most shared memory per block it needs at any
+# rank block, with or without dropout (measured by ahead-of-time builds for sm_80, sm_86 and sm_90
+# with Triton 3.9; tests/test_triton_launch_safety.py rebuilds them and fails if a build needs more).
+# A device takes the first that fits its shared memory per block (launch_config): H100/A100 the
+# deeper pipeline, A6000/L40-class GPUs (99 KB) two stages for fp32 where three do not fit. Fewer
+# stages keep the tile shapes, so results (the split count of low_rank_grad included) do not change.
+# Two-byte dtypes take a deeper K tile than fp32 for the same shared memory.
+KIB = 1024
 _GPU_CONFIGS = {
-    "project": ({"BLOCK_M": 64, "BLOCK_C": 128}, {"BLOCK_M": 64, "BLOCK_C": 64}, {"num_warps": 4, "num_stages": 3}),
-    "matmul_plus_low_rank": ({"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_K": 64, "GROUP_M": 8},
-                             {"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_K": 32, "GROUP_M": 8},
-                             {"num_warps": 8, "num_stages": 3}),
-    "low_rank_grad": ({"BLOCK_M": 64, "BLOCK_C": 128}, {"BLOCK_M": 64, "BLOCK_C": 128},
-                      {"num_warps": 4, "num_stages": 3}),
+    "project": {
+        "two_byte": [({"BLOCK_M": 64, "BLOCK_C": 128}, {"num_warps": 4, "num_stages": 3}, 32 * KIB)],
+        "four_byte": [({"BLOCK_M": 64, "BLOCK_C": 64}, {"num_warps": 4, "num_stages": 3}, 80 * KIB)],
+    },
+    "matmul_plus_low_rank": {
+        "two_byte": [({"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_K": 64, "GROUP_M": 8},
+                      {"num_warps": 8, "num_stages": 3}, 32 * KIB)],
+        "four_byte": [({"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_K": 32, "GROUP_M": 8},
+                       {"num_warps": 8, "num_stages": 3}, 128 * KIB),
+                      ({"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_K": 32, "GROUP_M": 8},
+                       {"num_warps": 8, "num_stages": 2}, 64 * KIB)],
+    },
+    "low_rank_grad": {
+        "two_byte": [({"BLOCK_M": 64, "BLOCK_C": 128}, {"num_warps": 4, "num_stages": 3}, 24 * KIB)],
+        "four_byte": [({"BLOCK_M": 64, "BLOCK_C": 128}, {"num_warps": 4, "num_stages": 3}, 128 * KIB),
+                      ({"BLOCK_M": 64, "BLOCK_C": 128}, {"num_warps": 4, "num_stages": 2}, 80 * KIB)],
+    },
 }
 # Under the interpreter bigger tiles mean fewer (slow, Python-level) programs.
 _INTERPRETER_BLOCKS = {"BLOCK_M": 32, "BLOCK_C": 32, "BLOCK_K": 32, "GROUP_M": 8}
 
 
-def launch_config(kernel: str, dtype: torch.dtype, gpu: bool = True):
-    """``(constexpr block sizes, launch options)`` of ``kernel`` for ``dtype`` (GPU or interpreter)."""
-    two_byte, four_byte, launch = _GPU_CONFIGS[kernel]
+def launch_candidates(kernel: str, dtype: torch.dtype):
+    """``[(constexpr block sizes, launch options, shared-memory bytes needed)]`` of ``kernel`` for ``dtype``, preferred first."""
+    table = _GPU_CONFIGS[kernel]
+    return table["two_byte"] if dtype in (torch.bfloat16, torch.float16) else table["four_byte"]
+
+
+def launch_config(kernel: str, dtype: torch.dtype, gpu: bool = True, shared_memory: Optional[int] = None):
+    """``(constexpr block sizes, launch options)`` of ``kernel`` for ``dtype`` (GPU or interpreter).
+
+    ``shared_memory``: the device's shared memory per block in bytes (:func:`shared_memory_per_block`);
+    the first configuration that fits is chosen, else the smallest (None: the first, for H100/A100).
+    """
+    candidates = launch_candidates(kernel, dtype)
     if not gpu:
-        return {k: _INTERPRETER_BLOCKS[k] for k in two_byte}, {}
-    return dict(two_byte if dtype in (torch.bfloat16, torch.float16) else four_byte), dict(launch)
+        return {k: _INTERPRETER_BLOCKS[k] for k in candidates[0][0]}, {}
+    chosen = candidates[-1]
+    for candidate in candidates:
+        if shared_memory is None or candidate[2] <= shared_memory:
+            chosen = candidate
+            break
+    return dict(chosen[0]), dict(chosen[1])
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_per_block(index: int) -> int:
+    """Bytes of shared memory one block of CUDA device ``index`` may use (the opt-in maximum)."""
+    props = torch.cuda.get_device_properties(index)
+    optin = getattr(props, "shared_memory_per_block_optin", None)
+    if optin:
+        return int(optin)
+    # Older torch: ask Triton's driver, which checks its launches against the same number.
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def _device_launch_config(kernel: str, dtype: torch.dtype, device: torch.device):
+    if not _gpu(device):
+        return launch_config(kernel, dtype, gpu=False)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return launch_config(kernel, dtype, gpu=True, shared_memory=shared_memory_per_block(index))
 
 
 @functools.lru_cache(maxsize=None)
@@ -262,7 +317,7 @@ def project(x: torch.Tensor, m: torch.Tensor, scale: float, keep: Optional[torch
     if n_cols == 0:
         return out.zero_()
     rank_block = _rank_block(rank)
-    blocks, launch = launch_config("project", x.dtype, _gpu(x.device))
+    blocks, launch = _device_launch_config("project", x.dtype, x.device)
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
     grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]), triton.cdiv(rank, rank_block))
     _launch(PROJECT_KERNEL, x.device, grid, (
@@ -289,7 +344,7 @@ def matmul_plus_low_rank(
     out = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
     if n_rows == 0 or n_cols == 0:
         return out
-    blocks, launch = launch_config("matmul_plus_low_rank", x.dtype, _gpu(x.device))
+    blocks, launch = _device_launch_config("matmul_plus_low_rank", x.dtype, x.device)
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
     bias_t = bias if bias is not None else x
     grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]) * triton.cdiv(n_cols, blocks["BLOCK_C"]),)
@@ -315,7 +370,7 @@ def low_rank_grad(h: torch.Tensor, x: torch.Tensor, scale: float, keep: Optional
     if n_rows == 0 or n_cols == 0:
         return torch.zeros((rank, n_cols), device=x.device, dtype=x.dtype)
     rank_block = _rank_block(rank)
-    blocks, launch = launch_config("low_rank_grad", x.dtype, _gpu(x.device))
+    blocks, launch = _device_launch_config("low_rank_grad", x.dtype, x.device)
     block_m, block_c = blocks["BLOCK_M"], blocks["BLOCK_C"]
     if splits is None and not _gpu(x.device):
         splits = 1

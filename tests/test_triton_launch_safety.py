@@ -173,7 +173,13 @@ def test_update_launch_keeps_the_gradients_its_table_points_at():
 _AOT_SCRIPT = __file__.rsplit("/", 1)[0] + "/triton_aot.py"
 
 
-def _aot_builds(specs, tmp_path):
+@pytest.fixture(scope="module")
+def aot_cache(tmp_path_factory):
+    """One Triton cache for this module's builds (the same build in two tests compiles once)."""
+    return tmp_path_factory.mktemp("triton-cache")
+
+
+def _aot_builds(specs, cache_dir):
     """Build ``specs`` (see triton_aot.py) for their GPU targets in a process without TRITON_INTERPRET."""
     import json
     import os
@@ -182,7 +188,7 @@ def _aot_builds(specs, tmp_path):
 
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    env["TRITON_CACHE_DIR"] = str(cache_dir)
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     proc = subprocess.run([sys.executable, _AOT_SCRIPT], input=json.dumps(specs), env=env, capture_output=True,
                           text=True, timeout=900)
@@ -195,7 +201,7 @@ def _aot_builds(specs, tmp_path):
 
 
 # ----------------------------------------------------------------------------- hazard 2: int64 addressing
-def test_fused_linear_address_arithmetic_is_int64(tmp_path):
+def test_fused_linear_address_arithmetic_is_int64(aot_cache):
     """No index × stride product of the fused linear is computed in int32 (a column-major x or W0ᵀ has
     column stride N or K, so ``cols * stride`` passes 2³¹ for tensors of more than 2³¹ elements):
     read from the compiled Triton IR (sm_90), where every pointer offset must be int64."""
@@ -204,6 +210,90 @@ def test_fused_linear_address_arithmetic_is_int64(tmp_path):
         blocks, launch = triton_lora_linear.launch_config(kernel, torch.float32)
         specs.append(dict(kernel=kernel, dtype="fp32", rank_block=64, has_keep=True, has_bias=True,
                           blocks=blocks, launch=launch, arch=90))
-    for result in _aot_builds(specs, tmp_path):
+    for result in _aot_builds(specs, aot_cache):
         assert result["i32_tensor_muls"] == [], f"{result['kernel']}: int32 index products {result['i32_tensor_muls']}"
         assert result["narrow_addptr_offsets"] == [], f"{result['kernel']}: {result['narrow_addptr_offsets']}"
+
+
+# ----------------------------------------------------------------------------- launch configurations per GPU
+# Shared memory per block (the opt-in maximum a kernel may use) of each target the tests build for.
+TARGETS = {"sm_80": (80, 166912), "sm_86": (86, 101376), "sm_90": (90, 232448)}  # A100, A6000, H100/H200
+KERNELS = ("project", "matmul_plus_low_rank", "low_rank_grad")
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def test_launch_config_fits_the_device_shared_memory():
+    T = triton_lora_linear
+    for kernel in KERNELS:
+        for dtype in DTYPE_NAMES:
+            candidates = T.launch_candidates(kernel, dtype)
+            budgets = [budget for _, _, budget in candidates]
+            assert budgets == sorted(budgets, reverse=True), f"{kernel}: candidates are not preferred-first"
+            assert T.launch_config(kernel, dtype) == (candidates[0][0], candidates[0][1])
+            assert T.launch_config(kernel, dtype, shared_memory=1024) == (candidates[-1][0], candidates[-1][1])
+            for target, (_, limit) in TARGETS.items():
+                blocks, launch = T.launch_config(kernel, dtype, shared_memory=limit)
+                chosen = next(c for c in candidates if (c[0], c[1]) == (blocks, launch))
+                assert chosen[2] <= limit, f"{kernel} {dtype} on {target}: needs {chosen[2]} > {limit}"
+    # The A6000 (99 KB) gets two stages for fp32 where three did not fit; A100/H100 keep three.
+    for kernel in ("matmul_plus_low_rank", "low_rank_grad"):
+        assert T.launch_config(kernel, torch.float32, shared_memory=TARGETS["sm_86"][1])[1]["num_stages"] == 2
+        for target in ("sm_80", "sm_90"):
+            assert T.launch_config(kernel, torch.float32, shared_memory=TARGETS[target][1])[1]["num_stages"] == 3
+
+
+def test_launchers_ask_the_tensors_device_for_its_shared_memory(monkeypatch):
+    T = triton_lora_linear
+    asked = []
+
+    def fake_shared_memory(index):
+        asked.append(index)
+        return TARGETS["sm_86"][1]
+
+    monkeypatch.setattr(T, "_gpu", lambda device: True)
+    monkeypatch.setattr(T, "shared_memory_per_block", fake_shared_memory)
+    blocks, launch = T._device_launch_config("low_rank_grad", torch.float32, torch.device("cuda", 1))
+    assert asked == [1] and launch["num_stages"] == 2
+
+
+def _config_specs(arch, limit, full):
+    """The builds of the launch configurations chosen for a device with ``limit`` bytes per block:
+    the largest rank block with and without dropout (CI), or every rank block, dtype and
+    candidate (``full``)."""
+    specs = []
+    dtypes = list(DTYPE_NAMES) if full else [torch.float32, torch.bfloat16]
+    for kernel in KERNELS:
+        for dtype in dtypes:
+            configs = triton_lora_linear.launch_candidates(kernel, dtype) if full else []
+            blocks, launch = triton_lora_linear.launch_config(kernel, dtype, shared_memory=limit)
+            chosen = [c for c in triton_lora_linear.launch_candidates(kernel, dtype) if (c[0], c[1]) == (blocks, launch)]
+            for block_cfg, launch_cfg, budget in configs or chosen:
+                for rank_block in ((16, 32, 64) if full else (64,)):
+                    for has_keep in (True, False):
+                        for has_bias in ((True, False) if full and kernel == "matmul_plus_low_rank" else (True,)):
+                            specs.append(dict(kernel=kernel, dtype=DTYPE_NAMES[dtype], rank_block=rank_block,
+                                              has_keep=has_keep, has_bias=has_bias, blocks=block_cfg,
+                                              launch=launch_cfg, arch=arch, budget=budget,
+                                              chosen=(block_cfg, launch_cfg) == (blocks, launch)))
+    return specs
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_fused_linear_builds_fit_shared_memory(target, aot_cache):
+    """Each configuration the launch code chooses for ``target`` builds for it and fits its shared
+    memory per block, and needs no more than the budget its choice was made by. CI builds the largest
+    rank block (the most shared memory in every measured case); ALTLORA_FULL_COMPILE_MATRIX=1 builds
+    every rank block, dtype, dropout/bias variant and candidate (minutes)."""
+    import os
+
+    arch, limit = TARGETS[target]
+    full = os.environ.get("ALTLORA_FULL_COMPILE_MATRIX", "0") == "1"
+    failures = []
+    for r in _aot_builds(_config_specs(arch, limit, full), aot_cache):
+        what = (f"{r['kernel']} {r['dtype']} rank_block={r['rank_block']} keep={r['has_keep']} "
+                f"{r['blocks']} {r['launch']} on {target}: {r['shared']} bytes")
+        if r["shared"] > r["budget"]:
+            failures.append(f"{what} > its budget {r['budget']}")
+        if r["chosen"] and r["shared"] > limit:
+            failures.append(f"{what} > the limit {limit}")
+    assert not failures, "\n".join(failures)
