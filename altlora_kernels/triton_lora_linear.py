@@ -346,6 +346,8 @@ def matmul_plus_low_rank(
         return out
     blocks, launch = _device_launch_config("matmul_plus_low_rank", x.dtype, x.device)
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the kernel reads the bias with unit stride (C values: a cheap copy)
     bias_t = bias if bias is not None else x
     grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]) * triton.cdiv(n_cols, blocks["BLOCK_C"]),)
     _launch(MATMUL_PLUS_LOW_RANK_KERNEL, x.device, grid, (

@@ -297,3 +297,18 @@ def test_fused_linear_builds_fit_shared_memory(target, aot_cache):
         if r["chosen"] and r["shared"] > limit:
             failures.append(f"{what} > the limit {limit}")
     assert not failures, "\n".join(failures)
+
+
+# ----------------------------------------------------------------------------- hazard 7: a strided bias
+def test_fused_linear_reads_a_strided_bias(monkeypatch):
+    """The kernel reads the bias with unit stride; a strided one (a column of a matrix, every other
+    element) must be read as its values, not as its storage neighbours."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(9, 7, generator=g), torch.randn(7, 5, generator=g)
+    h, l = torch.randn(9, 3, generator=g), torch.randn(3, 5, generator=g)
+    for bias in (torch.randn(10, generator=g)[::2], torch.randn(5, 4, generator=g)[:, 1]):
+        assert bias.stride(0) != 1
+        got = triton_lora_linear.matmul_plus_low_rank(x, w, h, l, 0.5, bias=bias)
+        want = x.double() @ w.double() + bias.double() + 0.5 * (h.double() @ l.double())
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
