@@ -140,3 +140,21 @@ def test_failed_load_changes_nothing():
 
 
 # The non-finite policy (raise and skip, each factor and the AdamW group, every backend): test_nonfinite.py.
+
+
+def test_channels_last_conv_lora_gets_a_clear_error_not_a_silent_copy():
+    # A channels-last conv A cannot be viewed as (r, d); a reshape would copy it and the optimizer's
+    # in-place updates would never reach the parameter. The torch backend (every backend) refuses it.
+    A = torch.nn.Parameter(torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last))
+    B = torch.nn.Parameter(torch.randn(8, 4, 1, 1).to(memory_format=torch.channels_last))
+    pair = altlora.LoRAPair(A, B, 1.0, "conv")
+    with pytest.raises(ValueError, match=r"conv: .*channels-last.*contiguous\(\)"):
+        altlora.AltLoRA([pair], lr=0.1, backend="torch")
+    # The advice works: the same factors in the default memory format train.
+    for p in (A, B):
+        p.data = p.data.contiguous()
+    opt = altlora.AltLoRA([altlora.LoRAPair(A, B, 1.0, "conv")], lr=0.1, backend="torch")
+    before = (A.detach().clone(), B.detach().clone())
+    A.grad, B.grad = torch.randn_like(A), torch.randn_like(B)
+    opt.step()
+    assert not torch.equal(A.detach(), before[0]) or not torch.equal(B.detach(), before[1])

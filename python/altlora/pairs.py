@@ -86,7 +86,19 @@ class LoRAPair:
 
     def matrices(self) -> tuple:
         """``(A, B)`` as 2-D views ``(r, d)`` and ``(k, r)`` sharing storage with the parameters."""
-        return self.A.view(self.rank, -1), self.B.view(self.B.shape[0], self.rank)
+        # NOTE: not reshape: the optimizer updates these matrices in place, and a reshape that had to
+        # copy (a channels-last conv A, whose (c, kh, kw) columns are not one stride apart) would
+        # drop every update silently. Such a layout gets a clear error instead.
+        try:
+            return self.A.view(self.rank, -1), self.B.view(self.B.shape[0], self.rank)
+        except RuntimeError:
+            raise ValueError(
+                f"{self.name or 'LoRAPair'}: the optimizer updates the factors in place through (r, d) and "
+                f"(k, r) views, and A {tuple(self.A.shape)} with strides {self.A.stride()} / B "
+                f"{tuple(self.B.shape)} with strides {self.B.stride()} cannot be viewed so (a channels-last "
+                f"conv LoRA?); give the LoRA factors the default memory format, e.g. "
+                f"`param.data = param.data.contiguous()`, before creating the optimizer"
+            ) from None
 
     def factor_name(self, factor: str) -> str:
         return f"{self.name or 'pair'}.lora_{factor}"
