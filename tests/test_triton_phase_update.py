@@ -243,7 +243,9 @@ def test_cuda_every_kernel_compiles_and_matches_torch(r, dtype):
         torch.testing.assert_close(got.float(), want.float(), **tol)
 
 
-# ----------------------------------------------------------------------------- sm_90 builds without a GPU
+# ----------------------------------------------------------------------------- GPU builds without a GPU
+# Shared memory per block (opt-in maximum) of the targets: A100, A6000, H100/H200.
+TARGETS = {"sm_80": (80, 166912), "sm_86": (86, 101376), "sm_90": (90, 232448)}
 _PTR_TYPES = {torch.float32: "*fp32", torch.int64: "*i64", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
 
 
@@ -265,9 +267,11 @@ def _ptxas_available():
 
 @pytest.mark.skipif(CUDA, reason="on a GPU test_cuda_every_kernel_compiles_and_matches_torch builds them for real")
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton has no NVIDIA backend/ptxas to build for a GPU target")
-def test_every_kernel_builds_for_sm90(monkeypatch):
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_every_kernel_builds_for(target, monkeypatch):
     # The interpreter accepts tl.dot shapes that a GPU compiler rejects: build every kernel of the
-    # launches a phase makes at r ∈ {4, 8, 16, 64, 128} (padded 16, 64, 128) down to an sm_90 cubin.
+    # launches a phase makes at r ∈ {4, 8, 16, 64, 128} (padded 16, 64, 128) down to a cubin for
+    # each target, within its shared memory per block.
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -294,8 +298,10 @@ def test_every_kernel_builds_for_sm90(monkeypatch):
                     continue
                 seen.add(key)
                 source = ASTSource(fn=launch.kernel.get(), signature=_signature(launch), constexprs=dict(launch.constexprs))
-                compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": launch.num_warps})
+                arch, limit = TARGETS[target]
+                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch.num_warps})
                 assert compiled.asm["cubin"], key
+                assert compiled.metadata.shared <= limit, f"{key} needs {compiled.metadata.shared} bytes on {target}"
     tables.clear_cache()
     assert {k[0] for k in seen} == {"_factor_kernel", "_update_kernel", "_reduce_kernel"}
 
