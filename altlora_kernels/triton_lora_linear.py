@@ -303,6 +303,30 @@ def _launch(kernel: LazyKernel, device: torch.device, grid, args: tuple, constex
     return Launch(kernel, tuple(grid), args, constexprs, options.pop("num_warps", None), options, device=device)
 
 
+def _out_of_shared_memory(error: Exception) -> bool:
+    errors = getattr(getattr(triton, "runtime", None), "errors", None)
+    kind = getattr(errors, "OutOfResources", None)
+    return kind is not None and isinstance(error, kind) and getattr(error, "name", "") == "shared memory"
+
+
+def _run(launch: Launch) -> None:
+    """Run ``launch``; if the device refuses it for shared memory, retry with one stage fewer.
+
+    The budgets of _GPU_CONFIGS were measured with one Triton version; another may lay out shared
+    memory differently. Triton checks a kernel's shared memory when it loads it, before it runs,
+    so a retry is safe, and fewer stages keep the tiles (and the results).
+    """
+    while True:
+        try:
+            launch()
+            return
+        except Exception as error:  # noqa: BLE001 - only the shared-memory refusal is retried
+            stages = launch.options.get("num_stages", 3)
+            if not _out_of_shared_memory(error) or stages <= 1:
+                raise
+            launch.options["num_stages"] = stages - 1
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers (2-D inputs, any strides; shapes are checked by the caller in lora_linear.py)
 
@@ -320,11 +344,11 @@ def project(x: torch.Tensor, m: torch.Tensor, scale: float, keep: Optional[torch
     blocks, launch = _device_launch_config("project", x.dtype, x.device)
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
     grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]), triton.cdiv(rank, rank_block))
-    _launch(PROJECT_KERNEL, x.device, grid, (
+    _run(_launch(PROJECT_KERNEL, x.device, grid, (
         x, m, keep_t, out, n_rows, n_cols, rank,
         x.stride(0), x.stride(1), m.stride(0), m.stride(1), stride_km, stride_kc, out.stride(0), out.stride(1),
         float(scale),
-    ), dict(HAS_KEEP=keep is not None, RANK_BLOCK=rank_block, **blocks, **_dtype_options(x.dtype)), launch)()
+    ), dict(HAS_KEEP=keep is not None, RANK_BLOCK=rank_block, **blocks, **_dtype_options(x.dtype)), launch))
     return out
 
 
@@ -350,13 +374,13 @@ def matmul_plus_low_rank(
         bias = bias.contiguous()  # the kernel reads the bias with unit stride (C values: a cheap copy)
     bias_t = bias if bias is not None else x
     grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]) * triton.cdiv(n_cols, blocks["BLOCK_C"]),)
-    _launch(MATMUL_PLUS_LOW_RANK_KERNEL, x.device, grid, (
+    _run(_launch(MATMUL_PLUS_LOW_RANK_KERNEL, x.device, grid, (
         x, w, h, l, bias_t, keep_t, out, n_rows, n_cols, n_inner, rank,
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), h.stride(0), h.stride(1), l.stride(0), l.stride(1),
         stride_km, stride_kc, out.stride(0), out.stride(1),
         float(scaling),
     ), dict(HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, RANK_BLOCK=_rank_block(rank),
-            **blocks, **_dtype_options(x.dtype)), launch)()
+            **blocks, **_dtype_options(x.dtype)), launch))
     return out
 
 
@@ -390,10 +414,10 @@ def low_rank_grad(h: torch.Tensor, x: torch.Tensor, scale: float, keep: Optional
         out = torch.empty((splits, rank, n_cols), device=x.device, dtype=torch.float32)
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
     grid = (triton.cdiv(n_cols, block_c), splits, triton.cdiv(rank, rank_block))
-    _launch(LOW_RANK_GRAD_KERNEL, x.device, grid, (
+    _run(_launch(LOW_RANK_GRAD_KERNEL, x.device, grid, (
         h, x, keep_t, out, n_rows, n_cols, rank, rows_per_split,
         h.stride(0), h.stride(1), x.stride(0), x.stride(1), stride_km, stride_kc,
         out.stride(0), out.stride(1), out.stride(2),
         float(scale),
-    ), dict(HAS_KEEP=keep is not None, RANK_BLOCK=rank_block, **blocks, **_dtype_options(x.dtype)), launch)()
+    ), dict(HAS_KEEP=keep is not None, RANK_BLOCK=rank_block, **blocks, **_dtype_options(x.dtype)), launch))
     return out[0] if splits == 1 else out.sum(0).to(x.dtype)

@@ -312,3 +312,35 @@ def test_fused_linear_reads_a_strided_bias(monkeypatch):
         got = triton_lora_linear.matmul_plus_low_rank(x, w, h, l, 0.5, bias=bias)
         want = x.double() @ w.double() + bias.double() + 0.5 * (h.double() @ l.double())
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_launch_refused_for_shared_memory_is_retried_with_fewer_stages(monkeypatch):
+    """Budgets were measured with one Triton version; if a device still refuses a build for shared
+    memory (checked when it loads, before it runs), the launcher retries with one stage fewer."""
+    from triton.runtime.errors import OutOfResources
+
+    T = triton_lora_linear
+    tried = []
+
+    class RefusingKernel:
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **kwargs):
+                tried.append(num_stages)
+                if num_stages > 2:
+                    raise OutOfResources(131072, 101376, "shared memory")
+            return run
+
+    T._run(triton_runtime.Launch(RefusingKernel(), (1,), (), {}, 4, {"num_stages": 3}))
+    assert tried == [3, 2]
+
+    class NoThreads(RefusingKernel):  # other refusals are not retried
+        def __getitem__(self, grid):
+            def run(*args, num_stages, **kwargs):
+                tried.append(num_stages)
+                raise OutOfResources(2048, 1024, "threads")
+            return run
+
+    tried.clear()
+    with pytest.raises(OutOfResources):
+        T._run(triton_runtime.Launch(NoThreads(), (1,), (), {}, 4, {"num_stages": 3}))
+    assert tried == [3]
