@@ -66,6 +66,9 @@ ARMS = {
     + _grid("altloraplus", "alternate", (1e-3,), beta2=0.95),
     "altlora-alternate": _grid("altlora", "alternate", (0.03, 0.1, 0.3), (1e-6,)) + _grid("altlora", "alternate", (0.1,), (1e-3,)),
     "altlora-sequential": _grid("altlora", "sequential", (0.03, 0.1, 0.3), (1e-6,)),
+    # control: the LoRA factors practically frozen (SGD at lr 1e-9), only the head trains (AdamW 1e-3):
+    # how much of each accuracy the LoRA adapters add
+    "head-only": _grid("sgd", "alternate", (1e-9,)),
 }
 
 
