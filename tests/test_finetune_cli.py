@@ -93,7 +93,7 @@ def test_finetune_smoke_writes_table_and_png(tmp_path, capsys):
                  "--optimizers", "altlora,adamw,sgd", "--lr", "altlora=0.05", "--no-progress", "--output", str(out)])
     assert code == 0
     stdout = capsys.readouterr().out
-    assert "| altlora lr=0.05 |" in stdout and "| adamw lr=" in stdout and "| sgd lr=" in stdout
+    assert "| altlora lr=0.05 sequential/BA |" in stdout and "| adamw lr=" in stdout and "| sgd lr=" in stdout
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     results = json.loads((out / "results.json").read_text())
     assert [r["config"]["optimizer"] for r in results["runs"]] == ["altlora", "adamw", "sgd"]
@@ -216,7 +216,7 @@ def test_epochs_set_the_step_count_and_protocol_reaches_every_run(tmp_path, monk
     assert results["meta"]["majority_class"] == 0.75 and results["meta"]["evaluated_on"] == "dev"
     assert "dev accuracy" in capsys.readouterr().out
     assert "(3 seeds)" not in (out / "results.md").read_text()  # the table counts seeds in a column
-    assert "| altloraplus lr=0.001 | 3 |" in (out / "results.md").read_text()
+    assert "| altloraplus lr=0.001 sequential/BA | 3 |" in (out / "results.md").read_text()
 
 
 def test_steps_and_epochs_are_exclusive(capsys):

@@ -1,7 +1,8 @@
 """The optimizers ``altlora finetune`` compares, with their default learning rates.
 
-Default lrs come from ``experiments/lr_sweep.py`` (results in ``experiments/results/``): the best
-validation accuracy of each optimizer at the default settings. The classifier head (and anything
+Default lrs come from ``experiments/study.py`` (results in ``experiments/results/study/``): the best
+**dev** accuracy of each optimizer under the default protocol (one epoch, cosine lr with 3%
+warm-up; AltLoRA/AltLoRA+ with the ``sequential`` schedule), seed 0, on a half-decade grid. The classifier head (and anything
 else that is not a LoRA factor) is trained with AdamW at ``HEAD_LR`` by the LoRA-specific
 optimizers; ``adamw`` and ``loraplus`` train it with their own lr, as LoRA users do today.
 """

@@ -37,7 +37,7 @@ def summarize(results: Sequence[RunResult]) -> "OrderedDict[str, List[RunResult]
 def label_of(r: RunResult) -> str:
     c = r.config
     label = f"{c.optimizer} lr={c.lr:g}"
-    if c.optimizer in ("altlora", "altloraplus") and (c.schedule, c.order) != ("alternate", "BA"):
+    if c.optimizer in ("altlora", "altloraplus"):  # the schedule changes the result: always say which
         label += f" {c.schedule}/{c.order}"
     return label
 
