@@ -56,7 +56,7 @@ def _grid(optimizer, schedule, lrs, dampings=(None,), beta2=None):
 ARMS = {
     "adamw": _grid("adamw", "alternate", (3e-4, 1e-3, 3e-3)),
     "loraplus": _grid("loraplus", "alternate", (3e-5, 1e-4, 3e-4)),
-    "sgd": _grid("sgd", "alternate", (0.3, 1.0, 3.0)),
+    "sgd": _grid("sgd", "alternate", (0.1, 0.3, 1.0, 3.0)),  # 0.1 added: 0.3 was best, on the edge
     "altloraplus-alternate": _grid("altloraplus", "alternate", (3e-4, 1e-3, 3e-3)),
     "altloraplus-sequential": _grid("altloraplus", "sequential", (3e-4, 1e-3, 3e-3)),
     # λ = 1e-3 only at the middle lr: one point on whether a larger absolute damping helps
