@@ -39,7 +39,7 @@ DEV_SIZE = 1000
 # How training batches are drawn. "by-length": each epoch is shuffled, cut into windows of
 # LENGTH_WINDOW batches, each window sorted by length and cut into batches, and the batches of the
 # epoch shuffled again: every batch is random but holds snippets of similar length, which roughly
-# halves the padded tokens (measured: about 53 → 30 tokens per row at batch 32) and so the time
+# halves the padded tokens (measured over one epoch at batch 32: 51.7 → 28.9 tokens per row) and so the time
 # per step. "random": plain shuffled batches padded to their longest row.
 BATCHING = ("by-length", "random")
 LENGTH_WINDOW = 16
