@@ -93,9 +93,15 @@ def _compile_flags():
         # The library then needs libgomp.so.1, which resolves to the copy torch has already loaded.
         cflags.append("-fopenmp")
         ldflags.append("-fopenmp")
-    if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    capability = torch.backends.cpu.get_cpu_capability()
+    if platform.machine().lower() in ("x86_64", "amd64") and capability in ("AVX2", "AVX512"):
         # What torch itself dispatches to on this CPU; part of the cache key, never -march=native.
         cflags += ["-mavx2", "-mfma", "-mf16c"]
+        if capability == "AVX512":
+            # The extensions torch requires before it dispatches to AVX-512. GCC would otherwise
+            # keep to 256-bit vectors; 512-bit ones made the tile form's loops ~15% faster
+            # (measured on a 2-core Xeon with AVX-512, where torch's own kernels use them too).
+            cflags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512"]
     return cflags, ldflags
 
 
