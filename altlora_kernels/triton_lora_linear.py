@@ -44,6 +44,7 @@ __all__ = [
     "launch_candidates",
     "launch_config",
     "shared_memory_per_block",
+    "split_count",
     "project",
     "matmul_plus_low_rank",
     "low_rank_grad",
@@ -55,8 +56,11 @@ __all__ = [
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Largest rank block held in registers at once; larger ranks loop (or get more programs).
 MAX_RANK_BLOCK = 64
-# Programs per SM that the split-N reduction of low_rank_grad aims at, to fill the GPU.
-PROGRAMS_PER_SM = 4
+# Programs the split-N reduction of low_rank_grad aims at, to fill a GPU: about 4 per SM on the
+# GPUs we target (A100 108 SMs, H100 132, A6000 84). A constant on purpose, not the device's SM
+# count: the split count decides how dA/dB are summed (see split_count), and a count that followed
+# the SM count would give other bits on every GPU model.
+TARGET_PROGRAMS = 512
 
 
 def _project_kernel(
@@ -284,11 +288,6 @@ def _device_launch_config(kernel: str, dtype: torch.dtype, device: torch.device)
     return launch_config(kernel, dtype, gpu=True, shared_memory=shared_memory_per_block(index))
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _keep_args(keep: Optional[torch.Tensor], fallback: torch.Tensor):
     # A bool mask is read as bytes; without one, any pointer does (HAS_KEEP=False never loads it).
     if keep is None:
@@ -384,12 +383,25 @@ def matmul_plus_low_rank(
     return out
 
 
+def split_count(n_rows: int, n_cols: int, rank: int, block_m: int, block_c: int) -> int:
+    """Row ranges ``low_rank_grad`` reduces in separate programs on a GPU: a function of the shapes only.
+
+    Each split sums its rows in a fixed order and torch adds the splits' fp32 partials in order, so
+    the split count fixes the summation order of dA and dB. It depends on the shapes and the tiles
+    (the same on every target: fewer pipeline stages on a 99 KB GPU keep the tiles), never on the
+    device, so the same inputs give the same bits on an A100, an A6000 and an H100 with one Triton
+    version, as far as the split reduction goes (docs/kernels.md: what can still differ).
+    """
+    col_programs = triton.cdiv(n_cols, block_c) * triton.cdiv(rank, _rank_block(rank))
+    return max(1, min(triton.cdiv(TARGET_PROGRAMS, col_programs), triton.cdiv(n_rows, 4 * block_m)))
+
+
 def low_rank_grad(h: torch.Tensor, x: torch.Tensor, scale: float, keep: Optional[torch.Tensor] = None,
                   splits: Optional[int] = None) -> torch.Tensor:
     """``scale · hᵀ · (keep ⊙ x)`` for ``h`` (N, R) and ``x`` (N, C): an (R, C) tensor in ``x.dtype``.
 
-    ``splits``: how many row ranges are reduced by separate programs (default: enough programs to
-    fill the GPU; 1 under the interpreter).
+    ``splits``: how many row ranges are reduced by separate programs (default: :func:`split_count`
+    on a GPU, enough programs to fill one whatever its SM count; 1 under the interpreter).
     """
     n_rows, n_cols = x.shape
     rank = h.shape[1]
@@ -398,13 +410,8 @@ def low_rank_grad(h: torch.Tensor, x: torch.Tensor, scale: float, keep: Optional
     rank_block = _rank_block(rank)
     blocks, launch = _device_launch_config("low_rank_grad", x.dtype, x.device)
     block_m, block_c = blocks["BLOCK_M"], blocks["BLOCK_C"]
-    if splits is None and not _gpu(x.device):
-        splits = 1
     if splits is None:
-        col_programs = triton.cdiv(n_cols, block_c) * triton.cdiv(rank, rank_block)
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        wanted = PROGRAMS_PER_SM * _sm_count(index)
-        splits = max(1, min(triton.cdiv(wanted, col_programs), triton.cdiv(n_rows, 4 * block_m)))
+        splits = split_count(n_rows, n_cols, rank, block_m, block_c) if _gpu(x.device) else 1
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_m) * block_m
     splits = triton.cdiv(n_rows, rows_per_split)
     # One split writes the result directly; several write fp32 partials that torch adds in order.

@@ -16,6 +16,15 @@ reads what it works on from int64 tables in device memory.
 Every table is cached under a key made of every pointer, shape, stride and dtype it holds, so a
 cache hit is the same table by construction; it is rebuilt only when storage changes. The
 gradient table is compared and re-sent on its own.
+
+The cache is bounded: at most ``CACHE_SIZE`` entries and ``CACHE_MAX_BYTES`` of tables, least
+recently used first out. Storage that moves every step (FSDP2 gathers into fresh buffers, the
+joint schedule's clones, ``p.data = ...``) then costs a rebuild per phase (Python time and one
+small host→device copy), never memory that grows: an evicted entry is rebuilt from the same
+tensors into the same table. The float32 workspaces of a phase (``P``, ``P·C_Y``, Gram partials:
+up to tens of MB at r = 128) are not cached at all: :func:`workspaces` allocates them for each
+phase from torch's caching allocator, which reuses them stream-ordered, so they are held only
+while a phase runs.
 """
 
 from __future__ import annotations
@@ -41,7 +50,11 @@ __all__ = [
     "FACTOR_WARPS",
     "UPDATE_WARPS",
     "plan_buckets",
+    "workspaces",
     "clear_cache",
+    "cache_bytes",
+    "CACHE_SIZE",
+    "CACHE_MAX_BYTES",
 ]
 
 # Largest rank the kernels take: an r×r fp32 tile lives in one program's registers, and r = 128
@@ -64,8 +77,12 @@ UPDATE_WARPS = {16: 8, 32: 8, 64: 8, 128: 16}
 MIN_CHUNK_COLUMNS_PER_RANK = 16
 
 # Tables kept per distinct key: a training loop alternates between a few (A phase, B phase, the
-# second phase of "joint", several param groups).
-CACHE_SIZE = 32
+# second phase of "joint", several param groups), so 16 entries hold every steady state we know;
+# storage that moves every step evicts the oldest instead of growing the cache.
+CACHE_SIZE = 16
+# And at most this many bytes of device tables (16·8 bytes per layer, 3·8 per chunk, 2·8 per
+# gradient: 16 MiB are ~100k layers); the entry just built is kept even if it alone is larger.
+CACHE_MAX_BYTES = 16 * 2**20
 
 
 class Field:
@@ -120,9 +137,6 @@ class Bucket:
     chunks: torch.Tensor  # (C, CHUNK_FIELDS) int64 on the device
     grads: Optional[torch.Tensor]  # (L, GRAD_FIELDS) int64 on the device
     grad_key: Optional[tuple]
-    precond: torch.Tensor  # (L, R, R) float32 workspace: P
-    carry: torch.Tensor  # (L, R, R) float32 workspace: P·C_Y
-    partials: torch.Tensor  # (C, 2, R, R) float32 workspace: per-chunk Gram and cross-Gram
     members: List[Tuple[int, int]]  # (group index, number of layers) in table order
 
     @property
@@ -133,6 +147,28 @@ class Bucket:
     def num_chunks(self) -> int:
         return self.chunks.shape[0]
 
+    @property
+    def nbytes(self) -> int:
+        """Device bytes the cached tables of this bucket hold."""
+        tables = (self.layers, self.chunks, self.grads)
+        return sum(t.numel() * t.element_size() for t in tables if t is not None)
+
+
+def workspaces(bucket: Bucket) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fresh float32 workspaces of one phase over ``bucket``: ``P`` (L, R, R), ``P·C_Y`` (L, R, R)
+    and the per-chunk Gram and cross-Gram partials (C, 2, R, R).
+
+    Every element is written before it is read (the factor kernel writes all of P and P·C_Y, each
+    update program its chunk's partials), so ``empty`` is enough. Allocated per phase rather than
+    cached with the tables: the caching allocator makes this cheap, reuses the memory in stream
+    order once the launches that hold them are enqueued, and the cache never holds it.
+    """
+    device, padded = bucket.layers.device, bucket.padded
+    square = dict(dtype=torch.float32, device=device)
+    return (torch.empty(bucket.num_layers, padded, padded, **square),
+            torch.empty(bucket.num_layers, padded, padded, **square),
+            torch.empty(bucket.num_chunks, 2, padded, padded, **square))
+
 
 _CACHE: "OrderedDict[tuple, List[Bucket]]" = OrderedDict()
 
@@ -140,6 +176,17 @@ _CACHE: "OrderedDict[tuple, List[Bucket]]" = OrderedDict()
 def clear_cache() -> None:
     """Forget every cached table (they are rebuilt on the next phase)."""
     _CACHE.clear()
+
+
+def cache_bytes() -> int:
+    """Device bytes held by the cached tables."""
+    return sum(b.nbytes for buckets in _CACHE.values() for b in buckets)
+
+
+def _evict() -> None:
+    # Least recently used first; the newest entry (the one being used) always stays.
+    while len(_CACHE) > 1 and (len(_CACHE) > CACHE_SIZE or cache_bytes() > CACHE_MAX_BYTES):
+        _CACHE.popitem(last=False)
 
 
 def _ptr_or_zero(t: Optional[torch.Tensor]) -> int:
@@ -215,7 +262,6 @@ def _build(groups: Sequence, bucket_of: List[tuple]) -> List[Bucket]:
                     chunks.append((base_layer + i, c * chunk_cols, min(n, (c + 1) * chunk_cols)))
             rows.append(table)
         layers = torch.cat(rows)
-        num_layers, num_chunks = layers.shape[0], len(chunks)
         buckets.append(
             Bucket(
                 padded=padded,
@@ -228,9 +274,6 @@ def _build(groups: Sequence, bucket_of: List[tuple]) -> List[Bucket]:
                 chunks=_to_device(torch.tensor(chunks, dtype=torch.int64).reshape(-1, CHUNK_FIELDS), device),
                 grads=None,
                 grad_key=None,
-                precond=torch.empty(num_layers, padded, padded, dtype=torch.float32, device=device),
-                carry=torch.empty(num_layers, padded, padded, dtype=torch.float32, device=device),
-                partials=torch.empty(num_chunks, 2, padded, padded, dtype=torch.float32, device=device),
                 members=[(gi, len(groups[gi].params)) for gi in members],
             )
         )
@@ -264,10 +307,9 @@ def plan_buckets(groups: Sequence, grads: Sequence[Sequence[torch.Tensor]]) -> L
     if buckets is None:
         buckets = _build(groups, bucket_of)
         _CACHE[key] = buckets
-        while len(_CACHE) > CACHE_SIZE:
-            _CACHE.popitem(last=False)
     else:
         _CACHE.move_to_end(key)
     for bucket in buckets:
         _refresh_grads(bucket, grads)
+    _evict()  # after the gradient tables, which count too
     return buckets

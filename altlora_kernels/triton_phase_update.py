@@ -22,22 +22,50 @@ is written (parameters, moments, counters, Grams), with no host sync.
 
 Groups the kernels do not take (rank > ``MAX_RANK``, a factor whose last dimension is not
 contiguous, non-contiguous state) are handed to the torch backend, which computes the same thing.
+
+**First-use self-check.** These kernels were written and tested without a GPU (CI runs them in
+Triton's CPU interpreter and compiles them ahead of time). So the first time they run on a CUDA
+device with a given Triton version, one tiny phase of the same kind (rank, dtypes, orientation,
+AltLoRA/AltLoRA+, snapshot, non-finite flag) runs through them and through the torch backend in
+float64 (:func:`self_check`); if the results disagree, or the kernels fail to build or launch, a
+``RuntimeWarning`` says so once and the torch backend runs every phase on that device for the rest
+of the process. ``ALTLORA_TRITON_SELF_CHECK=0`` turns the check off (trust the kernels).
+:func:`self_check_results` lists the verdicts.
+
+**CUDA graphs.** A phase cannot be captured: the work tables are built on the host and copied
+host→device whenever storage changes (a replay would read the captured step's tables), and the
+self-check compares on the host. Under capture :func:`phase_update` raises ``RuntimeError``
+before doing anything (``graph_capture.py``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+import os
+import warnings
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .graph_capture import refuse_capture
 from .phase_types import FactorGroup, PhaseHyperParams
 from .torch_phase_update import phase_update_torch
 from .triton_cholesky import factor_launch
-from .triton_phase_tables import FACTOR_WARPS, GRAD_FIELDS, MAX_RANK, NUM_FIELDS, UPDATE_WARPS, Field, plan_buckets
-from .triton_runtime import MIN_DOT_EXTENT, LazyKernel, Launch, device_guard, device_reason, tl
+from .triton_phase_tables import FACTOR_WARPS, GRAD_FIELDS, MAX_RANK, NUM_FIELDS, UPDATE_WARPS, Field, plan_buckets, workspaces
+from .triton_runtime import MIN_DOT_EXTENT, LazyKernel, Launch, device_guard, device_reason, tl, triton
 
-__all__ = ["unavailable_reason", "phase_update", "phase_launches", "update_kernel", "reduce_kernel", "SUPPORTED_DTYPES"]
+__all__ = [
+    "unavailable_reason",
+    "phase_update",
+    "phase_launches",
+    "update_kernel",
+    "reduce_kernel",
+    "SUPPORTED_DTYPES",
+    "SELF_CHECK_ENV",
+    "self_check",
+    "self_check_enabled",
+    "self_check_results",
+]
 
 # Parameter dtypes the kernels take (fp32 math and state); other groups go to the torch backend.
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -290,9 +318,13 @@ def _check(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_inf: Optio
     return device
 
 
+def _kernel_grad_dtype(g: FactorGroup) -> torch.dtype:
+    return g.grads[0].dtype if g.grads[0].dtype in SUPPORTED_DTYPES else torch.float32
+
+
 def _kernel_grads(g: FactorGroup) -> List[torch.Tensor]:
     """Gradients as the kernels read them: unit inner stride, one dtype for the whole group."""
-    dtype = g.grads[0].dtype if g.grads[0].dtype in SUPPORTED_DTYPES else torch.float32
+    dtype = _kernel_grad_dtype(g)
     out = []
     for gr in g.grads:
         if gr.dtype != dtype:
@@ -314,13 +346,15 @@ def phase_launches(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_in
         # (casts and contiguous copies are temporaries of this call) until it has been enqueued;
         # once it has, freeing them is stream-ordered by the caching allocator.
         bucket_grads = tuple(t for gi, _ in bucket.members for t in grads[gi])
-        launches.append(factor_launch(bucket.layers, bucket.padded, hp.damping, bucket.precond, bucket.carry))
+        # Workspaces of this phase only (see triton_phase_tables.workspaces): the launches hold them.
+        precond, carry, partials = workspaces(bucket)
+        launches.append(factor_launch(bucket.layers, bucket.padded, hp.damping, precond, carry))
         launches.append(
             Launch(
                 update_kernel,
                 (bucket.num_chunks,),
                 (
-                    bucket.layers, bucket.grads, bucket.chunks, bucket.precond, bucket.carry, bucket.partials, flag,
+                    bucket.layers, bucket.grads, bucket.chunks, precond, carry, partials, flag,
                     float(hp.lr), float(hp.beta1), float(hp.beta2), float(hp.eps), float(hp.weight_decay),
                     _log2(hp.beta1), _log2(hp.beta2),
                 ),
@@ -344,12 +378,18 @@ def phase_launches(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_in
             Launch(
                 reduce_kernel,
                 (bucket.num_layers,),
-                (bucket.layers, bucket.partials, flag),
+                (bucket.layers, partials, flag),
                 dict(NUM_FIELDS=NUM_FIELDS, R=bucket.padded, HAS_FOUND_INF=has_flag),
                 FACTOR_WARPS[bucket.padded],
             )
         )
     return launches
+
+
+_NOT_CAPTURABLE = (
+    "its work tables are built on the host and copied host→device whenever a factor's or gradient's "
+    "storage changes, so a replayed graph would read the captured step's tables; run the phase outside the graph"
+)
 
 
 def phase_update(
@@ -358,6 +398,7 @@ def phase_update(
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
     """One phase for every group (semantics: ``torch_phase_update.py``); three launches per bucket."""
+    refuse_capture("backend='triton' (the phase update)", _NOT_CAPTURABLE)
     groups = list(groups)
     if not groups:
         return
@@ -372,5 +413,161 @@ def phase_update(
     if taken:
         # Triton launches on the current CUDA device; make it the factors' one.
         with device_guard(device):
+            if not _trusted(device, taken[0], hp, found_inf):
+                phase_update_torch(taken, hp, found_inf)
+                return
             for launch in phase_launches(taken, hp, found_inf):
                 launch()
+
+
+# ----------------------------------------------------------------------------- first-use self-check
+SELF_CHECK_ENV = "ALTLORA_TRITON_SELF_CHECK"
+# Device types whose first use is checked: CUDA, the hardware no test of this repository has run
+# the kernels on. The CPU interpreter is what CI tests (tests switch the check on there).
+SELF_CHECK_DEVICE_TYPES: Tuple[str, ...] = ("cuda",)
+# (device, Triton version) → None when the check passed, else why it failed. Per process.
+_VERDICTS: Dict[Tuple[str, str], Optional[str]] = {}
+# Relative tolerances (of the largest reference entry) against the float64 torch backend: fp32 math
+# on a well-conditioned problem is ~1e-6 off; a half-precision factor is rounded once (2⁻⁸ for
+# bf16). A kernel that reads or writes the wrong place is off by O(1).
+_SELF_CHECK_TOL = {torch.float32: 1e-3, torch.bfloat16: 2e-2, torch.float16: 1e-2}
+
+
+def self_check_enabled() -> bool:
+    """False when ``ALTLORA_TRITON_SELF_CHECK`` is 0 / false / off / no."""
+    return os.environ.get(SELF_CHECK_ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def self_check_results() -> Dict[str, Optional[str]]:
+    """``{"<device> (Triton <version>)": None if the check passed, else why not}`` for this process."""
+    return {f"{device} (Triton {version})": verdict for (device, version), verdict in _VERDICTS.items()}
+
+
+def _check_key(device: torch.device) -> Tuple[str, str]:
+    return str(device), str(getattr(triton, "__version__", "unknown"))
+
+
+def _tiny_problem(device, *, rank, transposed, dtype, grad_dtype, adaptive, snapshot, seed=0):
+    """Two layers of rank ``rank`` with 37 columns and state as after a few phases, as a FactorGroup
+    with float32 state on ``device`` (what the kernels get) and one in float64 (the reference),
+    from the same values (the half-precision ones rounded first)."""
+    gen = torch.Generator().manual_seed(seed)
+    layers, n, m = 2, 37, 29
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
+
+    def stored(rows):  # row form (L, r, n) -> the factor as stored: A (r, n) or B (n, r)
+        return rows.transpose(1, 2).contiguous() if transposed else rows
+
+    x = rand(layers, rank, n, scale=n**-0.5)
+    grad = rand(layers, rank, n, scale=0.1)
+    y = rand(layers, rank, m, scale=m**-0.5)
+    eye = torch.eye(rank, dtype=torch.float64)
+    values = {
+        "params": stored(x).to(dtype).double(),
+        "grads": stored(grad).to(grad_dtype).double(),
+        "momentum": stored(rand(layers, rank, n, scale=0.01)),
+        "variance": stored(rand(layers, rank, n, scale=1e-2) ** 2 + 1e-6) if adaptive else None,
+        "snapshot": stored(x + rand(layers, rank, n, scale=1e-2)).to(dtype).double() if snapshot else None,
+        "gram": x @ x.mT,
+        "cross": x @ x.mT,
+        "other_gram": y @ y.mT + 0.1 * eye,  # well-conditioned: fp32 rounding is not amplified
+        "other_cross": (y + rand(layers, rank, m, scale=0.05)) @ y.mT,
+        "step": torch.full((layers,), 3.0, dtype=torch.float64),
+        "inv_scale_sq": torch.full((layers,), 0.25, dtype=torch.float64),
+    }
+
+    def group(param_dtype, grad_dt, state_dtype):
+        def cast(name, to):
+            t = values[name]
+            return None if t is None else t.to(device=device, dtype=to).contiguous()
+
+        state = {k: cast(k, state_dtype) for k in ("momentum", "variance", "gram", "cross", "other_gram",
+                                                   "other_cross", "step", "inv_scale_sq")}
+        params = cast("params", param_dtype)
+        grads = cast("grads", grad_dt)
+        return FactorGroup(params=list(params.unbind(0)), grads=list(grads.unbind(0)), transposed=transposed,
+                           snapshot=cast("snapshot", param_dtype), **state)
+
+    return group(dtype, grad_dtype, torch.float32), group(torch.float64, torch.float64, torch.float64)
+
+
+def _group_tensors(g: FactorGroup) -> Dict[str, torch.Tensor]:
+    out = {"params": torch.stack(list(g.params))}
+    for name in ("momentum", "variance", "gram", "cross", "other_cross", "step"):
+        if getattr(g, name) is not None:
+            out[name] = getattr(g, name)
+    return out
+
+
+def _reference_phase(groups: Sequence[FactorGroup], hp: PhaseHyperParams, found_inf: Optional[torch.Tensor]) -> None:
+    """The reference of the self-check: the torch backend (its own function, so tests can alter it)."""
+    phase_update_torch(groups, hp, found_inf)
+
+
+def self_check(
+    device,
+    *,
+    rank: int = 8,
+    transposed: bool = False,
+    dtype: torch.dtype = torch.float32,
+    grad_dtype: Optional[torch.dtype] = None,
+    adaptive: bool = True,
+    snapshot: bool = False,
+    with_flag: bool = False,
+) -> Optional[str]:
+    """One tiny phase through the kernels and through the torch backend in float64 on ``device``.
+
+    None when they agree within a tolerance that rounding explains, else what disagreed (or the
+    error that building or launching the kernels raised). The kernels compiled for it are those of
+    a real phase of the same kind, so on first use the check costs no extra build.
+    """
+    device = torch.device(device)
+    grad_dtype = dtype if grad_dtype is None else grad_dtype
+    hp = PhaseHyperParams(lr=0.05, beta1=0.9, weight_decay=0.01, damping=1e-3, adaptive=adaptive, beta2=0.99)
+    kernel_group, reference = _tiny_problem(device, rank=rank, transposed=transposed, dtype=dtype,
+                                            grad_dtype=grad_dtype, adaptive=adaptive, snapshot=snapshot)
+    flag = torch.zeros((), dtype=torch.float32, device=device) if with_flag else None
+    try:
+        with device_guard(device):
+            for launch in phase_launches([kernel_group], hp, flag):
+                launch()
+        _reference_phase([reference], hp, None if flag is None else flag.double())
+        got, want = _group_tensors(kernel_group), _group_tensors(reference)
+    except Exception as error:  # noqa: BLE001 - a kernel that cannot build or launch fails the check
+        first = (str(error).strip().splitlines() or [""])[0]
+        return f"the kernels raised {type(error).__name__}: {first[:300]}"
+    tol = _SELF_CHECK_TOL.get(dtype, 1e-3)
+    for name, expected in want.items():
+        actual = got[name].double().cpu()
+        expected = expected.cpu()
+        scale = float(expected.abs().max()) or 1.0
+        bad = ~torch.isfinite(actual)
+        error = float((actual - expected).abs().max()) / scale if not bad.any() else float("inf")
+        if not error <= (tol if name in ("params", "gram", "cross") else _SELF_CHECK_TOL[torch.float32]):
+            return (f"{name} of a rank-{rank} {'B' if transposed else 'A'} phase ({str(dtype).replace('torch.', '')}, "
+                    f"{'AltLoRA+' if adaptive else 'AltLoRA'}) is {error:.3g} × its largest value away from the torch backend")
+    return None
+
+
+def _trusted(device: torch.device, like: FactorGroup, hp: PhaseHyperParams, found_inf: Optional[torch.Tensor]) -> bool:
+    """Whether the kernels may run on ``device``: the first-use self-check passed (or is off)."""
+    if device.type not in SELF_CHECK_DEVICE_TYPES or not self_check_enabled():
+        return True
+    key = _check_key(device)
+    if key not in _VERDICTS:
+        verdict = self_check(device, rank=_rank(like), transposed=like.transposed, dtype=like.params[0].dtype,
+                             grad_dtype=_kernel_grad_dtype(like), adaptive=bool(hp.adaptive),
+                             snapshot=like.snapshot is not None, with_flag=found_inf is not None)
+        _VERDICTS[key] = verdict
+        if verdict is not None:
+            warnings.warn(
+                f"altlora: the Triton phase update failed its first-use self-check on {device} (Triton {key[1]}): "
+                f"{verdict}. The torch backend runs every phase on this device for the rest of the process "
+                f"(slower, same results). Please report this with the output of `bash bench/gpu_check.sh --quick`. "
+                f"{SELF_CHECK_ENV}=0 skips the check and runs the kernels.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _VERDICTS[key] is None

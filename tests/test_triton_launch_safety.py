@@ -299,6 +299,35 @@ def test_fused_linear_builds_fit_shared_memory(target, aot_cache):
     assert not failures, "\n".join(failures)
 
 
+# ----------------------------------------------------------------------------- hazard 7: split count vs SM count
+def test_split_count_is_a_function_of_the_shapes_not_the_device(monkeypatch):
+    """The split count of low_rank_grad decides the summation order of dA/dB: it must not follow
+    the device's SM count (other bits on every GPU model). On a faked GPU that would answer any
+    property query with an error, the launcher takes split_count's answer, reading no property."""
+    T = triton_lora_linear
+
+    def no_properties(*args, **kwargs):
+        raise AssertionError("the split count asked the device for its properties")
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", no_properties)
+    assert T.split_count(8192, 4096, 16, 64, 128) == 16  # 32 column programs: 512 / 32
+    assert T.split_count(8192, 14336, 64, 64, 128) == 5  # 112 column programs
+    assert T.split_count(200, 64, 8, 64, 128) == 1  # too few rows to split
+    assert T.split_count(10**6, 32, 8, 64, 128) == T.TARGET_PROGRAMS
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(T, "_gpu", lambda device: True)  # choose as on a GPU, run in the interpreter
+    monkeypatch.setattr(T, "_device_launch_config", lambda kernel, dtype, device: T.launch_config(kernel, dtype, gpu=False))
+    asked = []
+    original = T.split_count
+    monkeypatch.setattr(T, "split_count", lambda *args: asked.append(args) or original(*args))
+    g = torch.Generator().manual_seed(3)
+    h, x = torch.randn(300, 5, generator=g), torch.randn(300, 7, generator=g)
+    got = T.low_rank_grad(h, x, 0.5)
+    assert asked == [(300, 7, 5, 32, 32)]
+    torch.testing.assert_close(got.double(), 0.5 * h.double().T @ x.double(), rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- hazard 7: a strided bias
 def test_fused_linear_reads_a_strided_bias(monkeypatch):
     """The kernel reads the bias with unit stride; a strided one (a column of a matrix, every other

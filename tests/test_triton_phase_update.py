@@ -32,6 +32,14 @@ STEPS = 30
 RANK_LAYERS = [(8, 13, 17, 16.0), (16, 21, 19, 8.0), (33, 37, 41, 40.0)]  # padded to 16, 16, 64
 
 
+@pytest.fixture(autouse=True)
+def _kernels_not_the_self_checks_fallback(monkeypatch):
+    # On a GPU a failed first-use self-check would hand every phase to the torch backend, and the
+    # comparisons below would compare torch with itself: they test the kernels, with the check off
+    # (its own tests switch it back on).
+    monkeypatch.setenv(triton_phase_update.SELF_CHECK_ENV, "0")
+
+
 # ----------------------------------------------------------------------------- availability
 def test_unavailable_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -148,6 +156,198 @@ def test_tables_are_rebuilt_only_when_storage_changes(interpreter):
     opt.step()  # a B phase: its table points at the new storage
     assert len(tables._CACHE) == 3
     assert float(opt.state[pairs[0].A]["step"]) == 2 and float(opt.state[pairs[0].B]["step"]) == 3
+
+
+# ----------------------------------------------------------------------------- bounded table cache
+def _run_with_storage_moves(monkeypatch, steps=6, move=True):
+    """AltLoRA+ (sequential: an A and a B phase per step) where every factor gets new storage before
+    each step, as FSDP2's gathers or ``p.data = ...`` give; returns the final values and state, the
+    number of table builds and the cache's (entries, bytes) after each step."""
+    builds = []
+    original = tables._build
+
+    def counted(*args, **kwargs):
+        builds.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(tables, "_build", counted)
+    tables.clear_cache()
+    prob = Problem(SMALL_LAYERS, seed=5)
+    pairs = prob.pairs()
+    opt = altlora.AltLoRAPlus(pairs, lr=0.05, damping=1e-3, schedule="sequential", backend="triton")
+    sizes = []
+    for t in range(steps):
+        if move:
+            with torch.no_grad():
+                for p in pairs:
+                    p.A.data, p.B.data = p.A.detach().clone(), p.B.detach().clone()
+        prob.set_grads(t, pairs)
+        opt.step()
+        sizes.append((len(tables._CACHE), tables.cache_bytes()))
+    return params_and_state(pairs, opt), len(builds), sizes
+
+
+def test_table_cache_is_bounded_and_an_evicted_entry_is_rebuilt_alike(interpreter, monkeypatch):
+    """Storage that moves every step would add cache entries forever; the cache keeps at most
+    CACHE_SIZE entries and CACHE_MAX_BYTES, and a phase whose table was evicted rebuilds it from
+    the same tensors: the same bits as a run that never evicted."""
+    unbounded, builds, sizes = _run_with_storage_moves(monkeypatch)
+    assert builds == 12 and [n for n, _ in sizes] == [2, 4, 6, 8, 10, 12]  # one new entry per phase
+    entry_bytes = sizes[0][1] // 2
+
+    monkeypatch.setattr(tables, "CACHE_SIZE", 3)
+    bounded, builds, sizes = _run_with_storage_moves(monkeypatch)
+    assert builds == 12 and max(n for n, _ in sizes) == 3
+
+    monkeypatch.setattr(tables, "CACHE_SIZE", 16)
+    monkeypatch.setattr(tables, "CACHE_MAX_BYTES", entry_bytes)  # room for one entry's tables
+    by_bytes, builds, sizes = _run_with_storage_moves(monkeypatch)
+    assert builds == 12 and all(n == 1 and size <= entry_bytes for n, size in sizes)
+    for got in (bounded, by_bytes):
+        assert all(torch.equal(a, b) for a, b in zip(got, unbounded))
+
+    # Fixed storage, a cache of one entry: the A and B phases evict each other's tables, so every
+    # phase rebuilds, with the same results as the run that keeps both.
+    monkeypatch.setattr(tables, "CACHE_MAX_BYTES", 16 * 2**20)
+    kept, builds, _ = _run_with_storage_moves(monkeypatch, move=False)
+    assert builds == 2
+    monkeypatch.setattr(tables, "CACHE_SIZE", 1)
+    evicting, builds, _ = _run_with_storage_moves(monkeypatch, move=False)
+    assert builds == 12
+    assert all(torch.equal(a, b) for a, b in zip(evicting, kept))
+
+
+def test_workspaces_are_not_cached():
+    # The R×R float32 workspaces (tens of MB at r = 128 over many layers) belong to one phase: the
+    # cached buckets hold only the int64 tables.
+    assert not {"precond", "carry", "partials"} & set(tables.Bucket.__dataclass_fields__)
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+@pytest.fixture
+def capturing(monkeypatch):
+    """Pretend a CUDA graph is being captured on the current stream (no GPU needed)."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+def test_step_under_cuda_graph_capture_raises_before_changing_anything(capturing):
+    prob = Problem(SMALL_LAYERS, seed=2)
+    pairs = prob.pairs()
+    opt = altlora.AltLoRA(pairs, lr=0.05, damping=1e-3, backend="torch")
+    prob.set_grads(0, pairs)
+    before = [p.detach().clone() for pair in pairs for p in (pair.A, pair.B)]
+    with pytest.raises(RuntimeError, match=r"AltLoRA\.step\(\) cannot run while a CUDA graph is being captured: "
+                                           r"it reads the non-finite flag on the host.*call step\(\) outside the graph"):
+        opt.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, (p for pair in pairs for p in (pair.A, pair.B))))
+    assert opt.active_factor == "B" and not opt.state[pairs[0].B]
+
+
+def test_triton_phase_update_under_capture_raises(capturing):
+    group = _tiny_group()
+    with pytest.raises(RuntimeError, match="backend='triton'.*CUDA graph is being captured.*work tables"):
+        triton_phase_update.phase_update([group], PhaseHyperParams(lr=0.1, beta1=0.9, weight_decay=0.0, damping=1e-3))
+
+
+def test_no_capture_no_error(monkeypatch):
+    # Off capture the check is silent, also where CUDA is initialized.
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    prob = Problem(SMALL_LAYERS, seed=2)
+    pairs = prob.pairs()
+    opt = altlora.AltLoRA(pairs, lr=0.05, damping=1e-3, backend="torch")
+    prob.set_grads(0, pairs)
+    opt.step()
+    assert opt.active_factor == "A"
+
+
+# ----------------------------------------------------------------------------- first-use self-check
+def _tiny_group(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r, d = 3, 11
+    eye = torch.eye(r).expand(1, r, r).clone()
+    return FactorGroup(params=[torch.randn(r, d, generator=g)], grads=[torch.randn(r, d, generator=g)], transposed=False,
+                       momentum=torch.zeros(1, r, d), variance=None, step=torch.zeros(1), gram=eye.clone(),
+                       cross=eye.clone(), other_gram=eye.clone(), other_cross=eye.clone(), inv_scale_sq=torch.ones(1))
+
+
+@pytest.fixture
+def self_check_on_cpu(interpreter, monkeypatch):
+    """The first-use self-check, which guards CUDA devices, switched on for the CPU interpreter."""
+    monkeypatch.setattr(triton_phase_update, "SELF_CHECK_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(triton_phase_update, "_VERDICTS", {})
+    monkeypatch.delenv(triton_phase_update.SELF_CHECK_ENV, raising=False)
+
+
+@pytest.mark.parametrize("kind", [
+    dict(),
+    dict(rank=3, transposed=True, dtype=torch.bfloat16, grad_dtype=torch.float32, snapshot=True, with_flag=True),
+    dict(rank=20, dtype=torch.float16, adaptive=False),  # padded to 32
+], ids=["fp32-A-AltLoRA+", "bf16-B-snapshot-flag", "fp16-r20-AltLoRA"])
+def test_self_check_passes_where_the_kernels_are_right(self_check_on_cpu, kind):
+    assert triton_phase_update.self_check(torch.device("cpu"), **kind) is None
+
+
+def _steps_counting_launches(monkeypatch, backend, steps=4):
+    prob = Problem(SMALL_LAYERS, seed=4)
+    pairs = prob.pairs()
+    opt = altlora.AltLoRAPlus(pairs, lr=0.05, damping=1e-3, schedule="sequential", backend=backend, nonfinite="skip")
+    counts = _count_launches(monkeypatch)
+    for t in range(steps):
+        prob.set_grads(t, pairs)
+        opt.step()
+    return params_and_state(pairs, opt), len(counts)
+
+
+@pytest.mark.parametrize("failure", ["mismatch", "launch error"])
+def test_self_check_failure_warns_once_and_runs_torch_from_then_on(self_check_on_cpu, monkeypatch, failure):
+    if failure == "mismatch":
+        def reference(groups, hp, found_inf):  # a reference that disagrees: as if the kernels were wrong
+            triton_phase_update.phase_update_torch(groups, hp, found_inf)
+            groups[0].momentum.mul_(1.01)
+
+        monkeypatch.setattr(triton_phase_update, "_reference_phase", reference)
+    else:
+        def refuse(*args, **kwargs):
+            raise RuntimeError("PTX .version 9.9 does not support .target sm_200")
+
+        monkeypatch.setattr(triton_phase_update, "phase_launches", refuse)
+    want, _ = _steps_counting_launches(monkeypatch, "torch")
+    with pytest.warns(RuntimeWarning) as caught:
+        got, launches = _steps_counting_launches(monkeypatch, "triton")
+    messages = [str(w.message) for w in caught if "self-check" in str(w.message)]
+    assert len(messages) == 1, messages  # once, not per phase
+    assert "torch backend runs every phase on this device" in messages[0]
+    assert ("momentum" in messages[0]) if failure == "mismatch" else ("sm_200" in messages[0])
+    # The check's own phase launched (3 kernels) or raised; no phase of the run used the kernels,
+    # and the run is the torch backend's, bit for bit.
+    assert launches == (3 if failure == "mismatch" else 0)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    (verdict,) = triton_phase_update.self_check_results().values()
+    assert verdict is not None
+
+
+def test_self_check_runs_once_per_device_and_can_be_turned_off(self_check_on_cpu, monkeypatch):
+    calls = []
+    original = triton_phase_update.self_check
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(triton_phase_update, "self_check", recorded)
+    _, launches = _steps_counting_launches(monkeypatch, "triton")
+    # Once, shaped like the first group of the first phase (B of rank 3: transposed; AltLoRA+, flag).
+    assert len(calls) == 1 and calls[0]["transposed"] and calls[0]["adaptive"] and calls[0]["with_flag"]
+    assert launches == 3 + 4 * 2 * 3  # the check's phase, then 4 steps × 2 phases × 3 launches
+    assert list(triton_phase_update.self_check_results().values()) == [None]
+
+    monkeypatch.setattr(triton_phase_update, "_VERDICTS", {})
+    monkeypatch.setenv(triton_phase_update.SELF_CHECK_ENV, "0")
+    calls.clear()
+    _, launches = _steps_counting_launches(monkeypatch, "triton")
+    assert calls == [] and launches == 4 * 2 * 3 and triton_phase_update.self_check_results() == {}
 
 
 def test_ranks_above_the_kernels_go_to_the_torch_backend(interpreter):

@@ -20,6 +20,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 import altlora_kernels as K
+from altlora_kernels.graph_capture import refuse_capture
 
 from . import checkpoint as C
 from .deepspeed_guard import check_no_zero3_parameters
@@ -123,6 +124,8 @@ class AltLoRAOptimizerBase(Optimizer):
         Returns the closure's loss if a closure is given. A step where no parameter has a gradient
         does nothing (and does not advance the schedule).
         """
+        # Not capturable (graph_capture.py says why): a clear error before anything changes.
+        refuse_capture(f"{type(self).__name__}.step()")
         loss = None
         if closure is not None:
             with torch.enable_grad():
