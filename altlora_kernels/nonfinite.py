@@ -7,6 +7,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import native_phase_update
+
 __all__ = ["nonfinite_flag"]
 
 
@@ -18,10 +20,17 @@ def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     Where that op is unavailable, a multi-tensor ∞-norm does the same job (max |x| is Inf only
     where the data holds an Inf, unlike the 2-norm, which overflows for large finite bf16/fp16
     values, and a NaN propagates through it). Returns None for an empty list. With tensors on
-    several devices the flag lives on the first one's device.
+    several devices the flag lives on the first one's device. On the CPU, when the native library
+    is built, its read-only check runs instead (``native_phase_update.nonfinite_flag``; contiguous
+    float tensors).
     """
     if not tensors:
         return None
+    if tensors[0].device.type == "cpu":
+        # The native library's read-only check when it is built and applies (CPU, contiguous).
+        found = native_phase_update.nonfinite_flag(tensors)
+        if found is not None:
+            return found
     first = tensors[0].device
     found = torch.zeros((), dtype=torch.float32, device=first)
     try:

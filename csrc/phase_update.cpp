@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "damped_cholesky.h"
+#include "nonfinite.h"
 
 namespace altlora_native {
 namespace {
@@ -811,6 +812,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("damping"), py::arg("adaptive"), py::arg("beta2"), py::arg("eps"), py::arg("found_inf"),
         py::arg("pivot_floor"), py::arg("escalation"), py::arg("absolute_floor"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("nonfinite_flag", &altlora_native::nonfinite_flag,
+        "found_inf <- 1 if any element of the tensors is NaN or Inf, else 0, and True; False (nothing done) unless all are contiguous CPU float tensors. Reads only.",
+        py::arg("tensors"), py::arg("found_inf"), py::call_guard<py::gil_scoped_release>());
   m.def("damped_cholesky", &altlora_native::damped_cholesky_batch,
         "(lower factors, rungs) of a batch of Grams under the damping ladder", py::arg("gram"), py::arg("damping"),
         py::arg("pivot_floor"), py::arg("escalation"), py::arg("absolute_floor"),

@@ -385,3 +385,49 @@ def test_package_imports_and_trains_without_a_compiler(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "backend: torch" in out.stdout
     assert "native: backend='native' is unavailable: no C++ compiler found" in out.stdout
+
+
+# ------------------------------------------------------------------ the read-only non-finite check
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_flag_finds_one_bad_element_anywhere(extension, dtype, bad):
+    # Sizes around the SIMD width and the 32768-element piece the work is split into.
+    tensors = [torch.randn(n, dtype=torch.float64).to(dtype) for n in (1, 7, 64, 32767, 32768, 70001)]
+    assert native.nonfinite_flag(tensors).item() == 0.0
+    for i, t in enumerate(tensors):
+        for position in sorted({0, t.numel() // 2, t.numel() - 1}):
+            t[position] = bad
+            flag = native.nonfinite_flag(tensors)
+            assert flag.dtype == torch.float32 and flag.dim() == 0 and flag.item() == 1.0, (i, position)
+            t[position] = 0.5
+
+
+def test_nonfinite_flag_reads_only_and_declines_what_it_cannot_read(extension):
+    grads = [torch.randn(8, 33), torch.randn(40, 8)]
+    versions = [g._version for g in grads]
+    before = [g.clone() for g in grads]
+    native.nonfinite_flag(grads)
+    assert [g._version for g in grads] == versions and all(torch.equal(a, b) for a, b in zip(grads, before))
+    assert native.nonfinite_flag([torch.randn(8, 10)[:, ::2]]) is None  # not contiguous
+    assert native.nonfinite_flag([torch.ones(3, dtype=torch.int64)]) is None
+    # K.nonfinite_flag falls back to torch's check for those, with the same answer.
+    strided = torch.randn(8, 10)[:, ::2]
+    strided[0, 0] = float("inf")
+    assert K.nonfinite_flag([grads[0], strided]).item() == 1.0
+
+
+def test_nonfinite_flag_is_the_one_the_optimizer_uses_on_cpu(extension, monkeypatch):
+    calls = []
+    real = native.nonfinite_flag
+    monkeypatch.setattr(native, "nonfinite_flag", lambda ts: calls.append(len(ts)) or real(ts))
+    A = torch.nn.Parameter(torch.randn(4, 9))
+    B = torch.nn.Parameter(torch.randn(7, 4))
+    opt = altlora.AltLoRA([altlora.LoRAPair(A, B, 2.0)], lr=0.1, nonfinite="skip")
+    A.grad, B.grad = torch.randn(4, 9), torch.randn(7, 4)
+    B.grad[1, 1] = float("nan")
+    before = (A.detach().clone(), B.detach().clone())
+    opt.step()
+    assert calls == [2] and opt.skipped_steps == 1
+    assert torch.equal(A, before[0]) and torch.equal(B, before[1])
