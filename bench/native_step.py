@@ -6,10 +6,12 @@ per step, A and B alternating, so the median covers both) and ``"sequential"`` (
 step: the same parameters touched as AdamW's step); and the phase update alone
 (``altlora_kernels.phase_update`` on one B phase of every layer, no optimizer around it).
 Cases: 64 layers of 384×384, r = 8 (MiniLM width, many small layers), and a mixed set of
-MiniLM-shaped blocks (q, k, v, o 384→384, up 384→1536, down 1536→384; 6 blocks, 36 layers, r = 8).
+MiniLM-shaped blocks (q, k, v, o 384→384, up 384→1536, down 1536→384; 6 blocks, 36 layers, r = 8), and
+Llama proportions at hidden 1024 (16 blocks × q, k, v, o; q/o 1024→1024, k/v 1024→256).
 Every implementation of a case is timed round-robin (one call each per round). Columns: median/min
-ms over the rounds; ``ratio`` = median / the AdamW(foreach) step of the case (the issue's target
-for the native step: ≤ 0.5 with many small layers); ``threads`` (torch intra-op threads) and
+ms over the rounds; ``ratio`` = median / the AdamW(foreach) step of the case; ``bytes`` the byte
+floor of the row (:func:`floor_bytes`), ``floor_ms`` = bytes / a measured copy rate of this CPU,
+``floor_fraction`` = floor_ms / median; ``threads`` (torch intra-op threads) and
 ``load_avg`` (1-minute load average when the case started: above ``threads`` the cores were shared
 with other work, and OpenMP's spin-waiting makes multi-threaded timings unreliable). CPU only: the
 native backend has no GPU code; this script builds its library first if needed.
@@ -37,18 +39,38 @@ if __package__ in (None, ""):  # run as a script: make `bench` importable
 import altlora  # noqa: E402
 import altlora_kernels as K  # noqa: E402
 from altlora_kernels.native_phase_update import load_extension  # noqa: E402
-from bench.common import environment, print_table  # noqa: E402
+from bench.common import environment, measure_cpu_bandwidth, print_table  # noqa: E402
 
 DESCRIPTION = __doc__.strip().splitlines()[0]
-COLUMNS = ("case", "impl", "layers", "median_ms", "min_ms", "ratio", "threads", "load_avg")
+COLUMNS = ("case", "impl", "layers", "median_ms", "min_ms", "ratio", "bytes", "floor_ms", "floor_fraction", "threads",
+           "load_avg")
+FP32_BYTES = 4
 RANK = 8
 MINILM_BLOCK = [(384, 384)] * 4 + [(384, 1536), (1536, 384)]  # (d_in, d_out) of q, k, v, o, up, down
+LLAMA_LIKE_1024_BLOCK = [(1024, 1024), (1024, 256), (1024, 256), (1024, 1024)]  # q, k, v, o at hidden 1024
 
 
 def cases(quick: bool) -> Dict[str, List[Tuple[int, int]]]:
     if quick:
         return {"16 × 96×96": [(96, 96)] * 16, "mixed 2 blocks/4": [(96, 96)] * 4 + [(96, 384), (384, 96)]}
-    return {"64 × 384×384": [(384, 384)] * 64, "mixed MiniLM 6 blocks": MINILM_BLOCK * 6}
+    return {"64 × 384×384": [(384, 384)] * 64, "mixed MiniLM 6 blocks": MINILM_BLOCK * 6,
+            "Llama-like h1024 16×qkvo": LLAMA_LIKE_1024_BLOCK * 16}
+
+
+def floor_bytes(impl: str, shapes: Sequence[Tuple[int, int]]) -> float:
+    """Bytes a step of ``impl`` must move at least (docs/kernels.md): an AltLoRA phase reads the
+    gradient, momentum and factor and writes the last two (AltLoRA+ also reads and writes V), so 5
+    (7) fp32 values per element of the factor; AdamW 7 per element of every A and B."""
+    numel_a = sum(RANK * d for d, _ in shapes)
+    numel_b = sum(k * RANK for _, k in shapes)
+    per_element = 7 if impl.startswith("AltLoRAPlus") else 5
+    if impl.startswith("AdamW"):
+        return 7 * FP32_BYTES * (numel_a + numel_b)
+    if impl.startswith("B phase"):
+        return per_element * FP32_BYTES * numel_b
+    if " alternate " in impl:  # one phase per step, A and B alike over the timed steps
+        return per_element * FP32_BYTES * (numel_a + numel_b) / 2
+    return per_element * FP32_BYTES * (numel_a + numel_b)  # sequential: both phases
 
 
 def _pairs(shapes: Sequence[Tuple[int, int]]) -> List[altlora.LoRAPair]:
@@ -126,9 +148,13 @@ def run(device: str, quick: bool, repeats: int = None) -> List[Dict]:
         load = os.getloadavg()[0]
         timings = _interleaved(fns, repeats)
         base = timings["AdamW(foreach) step"]["median_ms"]
+        bandwidth = measure_cpu_bandwidth()
         for impl, timing in timings.items():
+            moved = floor_bytes(impl, shapes)
+            floor_ms = moved / bandwidth * 1e3
             rows.append({"case": case, "impl": impl, "layers": len(shapes), **timing,
-                         "ratio": timing["median_ms"] / base, "threads": torch.get_num_threads(),
+                         "ratio": timing["median_ms"] / base, "bytes": moved, "floor_ms": floor_ms,
+                         "floor_fraction": floor_ms / timing["median_ms"], "threads": torch.get_num_threads(),
                          "load_avg": round(load, 1)})
     return rows
 

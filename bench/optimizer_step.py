@@ -11,8 +11,11 @@ Same LoRA parameters (fp32, gradients fixed and small) for every implementation 
 * ``AdamW(fused)`` / ``AdamW(foreach)``: ``torch.optim.AdamW`` over every A and B.
 
 Cases: on CUDA, Llama-3-8B-shaped adapters (32 layers × q, k, v, o; q/o 4096→4096, k/v 4096→1024)
-at r ∈ {8, 32, 128}; on the CPU, 64 layers of 384×384 at r = 8 (MiniLM width, many small layers) and
-a mixed MiniLM-shaped set (6 blocks × q, k, v, o 384→384, up 384→1536, down 1536→384, r = 8).
+at r ∈ {8, 32, 128}; on the CPU, at r = 8: 64 layers of 384×384 (MiniLM width, many small layers),
+a mixed MiniLM-shaped set (6 blocks × q, k, v, o 384→384, up 384→1536, down 1536→384), Llama
+proportions at hidden 1024 (16 blocks × q, k, v, o; q/o 1024→1024, k/v 1024→256) and a many-layer
+case: 224 layers at Llama-3-8B's own q, k, v, o shapes (56 blocks; 12 M adapter elements, about
+200 MB for AdamW's parameters, gradients and moments).
 
 Columns: ``bytes`` is the byte floor of one step (docs/kernels.md): an AltLoRA phase reads the
 gradient, the momentum and the factor and writes the last two (AltLoRA+ also reads and writes V):
@@ -50,6 +53,8 @@ RATIO_TO = "AdamW(fused)"
 
 LLAMA_3_8B_BLOCK = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096)]  # (d_in, d_out) of q, k, v, o
 MINILM_BLOCK = [(384, 384)] * 4 + [(384, 1536), (1536, 384)]  # q, k, v, o, up, down
+# Llama proportions (k/v a quarter of the hidden width, grouped-query attention) at hidden 1024.
+LLAMA_LIKE_1024_BLOCK = [(1024, 1024), (1024, 256), (1024, 256), (1024, 1024)]
 
 # Hyper-parameters: small steps so that repeated timing calls with a fixed gradient stay finite.
 LR, BETA1, BETA2, EPS, WEIGHT_DECAY, DAMPING = 1e-6, 0.9, 0.999, 1e-8, 0.01, 1e-6
@@ -64,7 +69,12 @@ def cases(device: str, quick: bool) -> Dict[str, Tuple[List[Tuple[int, int]], in
         return {f"Llama-3-8B {blocks}×qkvo r={r}": (LLAMA_3_8B_BLOCK * blocks, r) for r in ranks}
     if quick:
         return {"16 × 96×96 r=8": ([(96, 96)] * 16, 8), "mixed 2 blocks/4 r=8": ([(96, 96)] * 4 + [(96, 384), (384, 96)], 8)}
-    return {"64 × 384×384 r=8": ([(384, 384)] * 64, 8), "mixed MiniLM 6 blocks r=8": (MINILM_BLOCK * 6, 8)}
+    return {
+        "64 × 384×384 r=8": ([(384, 384)] * 64, 8),
+        "mixed MiniLM 6 blocks r=8": (MINILM_BLOCK * 6, 8),
+        "Llama-like h1024 16×qkvo r=8": (LLAMA_LIKE_1024_BLOCK * 16, 8),
+        "Llama-3-8B 56×qkvo r=8 (224 layers)": (LLAMA_3_8B_BLOCK * 56, 8),
+    }
 
 
 def make_pairs(shapes: Sequence[Tuple[int, int]], rank: int, device: str) -> List[altlora.LoRAPair]:

@@ -52,9 +52,10 @@ inline bool is_checked_dtype(at::ScalarType dtype) {
 }
 
 // found_inf (a one-element float32 CPU tensor) ← 1 if any element of `tensors` is not finite, else
-// 0, and true; or false, with found_inf untouched, when a tensor is not a contiguous CPU tensor of
-// a float dtype above (the caller then uses torch's check). Deciding here costs nothing; in Python
-// it would be three attribute reads per tensor, more than the check itself for small gradients.
+// 0, and true; or false, with found_inf untouched, when a tensor is not a dense contiguous CPU
+// tensor with storage, of a float dtype above (the caller then uses torch's check). Deciding
+// here costs nothing; in Python it would be three attribute reads per tensor, more than the
+// check itself for small gradients.
 inline bool nonfinite_flag(const std::vector<at::Tensor>& tensors, at::Tensor& found_inf) {
   TORCH_CHECK_VALUE(found_inf.numel() == 1 && found_inf.device().is_cpu() && found_inf.scalar_type() == at::kFloat,
                     "found_inf must be a one-element float32 CPU tensor");
@@ -64,7 +65,11 @@ inline bool nonfinite_flag(const std::vector<at::Tensor>& tensors, at::Tensor& f
   };
   std::vector<Piece> pieces;
   for (const at::Tensor& t : tensors) {
-    if (!t.device().is_cpu() || !t.is_contiguous() || !is_checked_dtype(t.scalar_type())) return false;
+    // Layout and storage first: is_contiguous() throws for sparse tensors, and a tensor subclass
+    // without storage (a DTensor wrapper) has no data to read here.
+    if (t.layout() != at::kStrided || !t.has_storage() || !t.device().is_cpu() || !t.is_contiguous() ||
+        !is_checked_dtype(t.scalar_type()))
+      return false;
     for (int64_t b = 0; b < t.numel(); b += kNonfinitePiece) pieces.push_back({&t, b, std::min(t.numel(), b + kNonfinitePiece)});
   }
   std::atomic<bool> found{false};

@@ -12,6 +12,7 @@ on how parameters are distributed behind the coordinator (``coordinator.py``).
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from typing import Any, Dict, List, Optional
 
@@ -31,6 +32,11 @@ from .pairs import LoRAPair
 from .param_groups import ADAMW, KIND, Admission, collect_param_groups
 from .state import CROSS_GRAM, GRAM
 from .variants import Variant
+
+# Readers used through map() in the per-step gathering (C-level loops over every parameter).
+_GRAD = operator.attrgetter("grad")
+_IS_SPARSE = operator.attrgetter("is_sparse")
+_SECOND = operator.itemgetter(1)
 
 __all__ = ["AltLoRAOptimizerBase", "NONFINITE_MODES"]
 
@@ -173,7 +179,8 @@ class AltLoRAOptimizerBase(Optimizer):
         factors = sorted(set(self.schedule.phases(self._step_index)))
         work, others, given = [], [], []
         for index, group in enumerate(self.param_groups):
-            with_grad = [(p, g) for p in group["params"] if (g := p.grad) is not None]
+            params = group["params"]
+            with_grad = [(p, g) for p, g in zip(params, map(_GRAD, params)) if g is not None]
             given += with_grad
             if group[KIND] == ADAMW:
                 others += [(index, [p for p, _ in with_grad])] if with_grad else []
@@ -183,8 +190,8 @@ class AltLoRAOptimizerBase(Optimizer):
                    for i, g in enumerate(views) if g is None]
         if not others and len(missing) == sum(len(pg) for _, pg, _ in work) * len(factors):
             return None, None, None
-        sparse = next((p for p, g in given if g.is_sparse), None)
-        if sparse is not None:
+        if any(map(_IS_SPARSE, map(_SECOND, given))):
+            sparse = next(p for p, g in given if g.is_sparse)
             raise ValueError(f"{self._admission.display(sparse)} has a sparse gradient; AltLoRA needs dense gradients")
         self._lora.coordinator.gather(work)  # e.g. FSDP2 factors sharded along r: full factors and gradients
         for views, i, m in missing:
@@ -195,7 +202,7 @@ class AltLoRAOptimizerBase(Optimizer):
         """The non-finite flag over every gradient the step was given (both factors of every pair
         and the AdamW groups, as ``GradScaler`` checks), agreed between processes; raises under
         ``nonfinite="raise"``. Also which factors changed outside the optimizer."""
-        grads = self._lora.coordinator.local_all([g for _, g in given])
+        grads = self._lora.coordinator.local_all(list(map(_SECOND, given)))
         found_inf, modified = self._lora.coordinator.agree(work, K.nonfinite_flag(grads))
         if self.nonfinite == "raise":
             if found_inf is not None and bool(found_inf.item()):

@@ -114,6 +114,8 @@ def check_lora_params_in_place(index: int, params: Sequence[torch.Tensor], expec
     tensors that never receive a gradient, so a step would silently do nothing: DeepSpeed ZeRO-1/2
     put one flat fp32 partition in their place, accelerate's FSDP2 preparation sharded copies.
     """
+    if list(map(id, params)) == expected_ids:  # the usual case: the same tensors in the same order
+        return
     expected = set(expected_ids)
     held = {id(p) for p in params}
     if held == expected and len(params) == len(expected):
