@@ -54,8 +54,11 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# Largest rank block held in registers at once; larger ranks loop (or get more programs).
+# Largest rank block held in registers at once; larger ranks loop (or get more programs). fp32
+# products are IEEE FMAs on CUDA cores, which hold a dot's K extent in registers: a rank block of
+# 64 spilled up to 48 KB per thread in the low-rank term on sm_80, 32 does not (docs/kernels.md).
 MAX_RANK_BLOCK = 64
+MAX_RANK_BLOCK_FP32 = 32
 # Programs the split-N reduction of low_rank_grad aims at, to fill a GPU: about 4 per SM on the
 # GPUs we target (A100 108 SMs, H100 132, A6000 84). A constant on purpose, not the device's SM
 # count: the split count decides how dA/dB are summed (see split_count), and a count that followed
@@ -202,8 +205,8 @@ def unavailable_reason(device: Optional[torch.device] = None) -> Optional[str]:
 # Launch configuration
 
 
-def _rank_block(rank: int) -> int:
-    return dot_extent(rank, cap=MAX_RANK_BLOCK)
+def _rank_block(rank: int, dtype: torch.dtype) -> int:
+    return dot_extent(rank, cap=MAX_RANK_BLOCK_FP32 if dtype == torch.float32 else MAX_RANK_BLOCK)
 
 
 def _dtype_options(dtype: torch.dtype) -> dict:
@@ -217,30 +220,36 @@ def _gpu(device: torch.device) -> bool:
 
 # Fixed tiles (no autotuning: the interpreter cannot run it). Per kernel and dtype class, launch
 # configurations in order of preference, each with the most shared memory per block it needs at any
-# rank block, with or without dropout (measured by ahead-of-time builds for sm_80, sm_86 and sm_90
-# with Triton 3.9; tests/test_triton_launch_safety.py rebuilds them and fails if a build needs more).
-# A device takes the first that fits its shared memory per block (launch_config): H100/A100 the
-# deeper pipeline, A6000/L40-class GPUs (99 KB) two stages for fp32 where three do not fit. Fewer
-# stages keep the tile shapes, so results (the split count of low_rank_grad included) do not change.
-# Two-byte dtypes take a deeper K tile than fp32 for the same shared memory.
+# rank block, with or without dropout and bias (measured by ahead-of-time builds for sm_80, sm_86 and
+# sm_90 with Triton 3.9; tests/test_triton_launch_safety.py rebuilds them and fails if a build needs
+# more, or spills more registers than tests/triton_aot.py's SPILL_BOUNDS). A device takes the first
+# that fits its shared memory per block (launch_config); every configuration here fits all three
+# targets (the A6000's 99 KB included), so today each list has one entry and the choice matters only
+# for smaller GPUs, where the launcher also retries with fewer stages (_run): fewer stages keep the
+# tiles, so results (the split count of low_rank_grad included) do not change.
+#
+# Registers (ptxas -v, docs/kernels.md "Register spills"): 8 warps everywhere, which spreads the same
+# tiles over twice the threads of 4 (a block's register footprint, and so its occupancy, is the same;
+# spills of the 4-warp builds went up to 2 KB in bf16 and 54 KB in fp32). fp32 takes smaller tiles
+# than the two-byte dtypes: its products run as IEEE FMAs on CUDA cores, which hold operand K extents
+# in registers, and the tiles used before (128×128 GEMM, 64×128 low_rank_grad) spilled 0.5–54 KB per
+# thread. Two-byte dtypes keep the 128×128 GEMM tile: it spills 0.2–0.6 KB in the low-rank epilogue
+# on some targets, where a 64-row tile (no spills) would halve the GEMM's reuse of each W0 tile.
 KIB = 1024
 _GPU_CONFIGS = {
     "project": {
-        "two_byte": [({"BLOCK_M": 64, "BLOCK_C": 128}, {"num_warps": 4, "num_stages": 3}, 32 * KIB)],
-        "four_byte": [({"BLOCK_M": 64, "BLOCK_C": 64}, {"num_warps": 4, "num_stages": 3}, 80 * KIB)],
+        "two_byte": [({"BLOCK_M": 64, "BLOCK_C": 128}, {"num_warps": 8, "num_stages": 3}, 32 * KIB)],
+        "four_byte": [({"BLOCK_M": 64, "BLOCK_C": 64}, {"num_warps": 8, "num_stages": 3}, 64 * KIB)],
     },
     "matmul_plus_low_rank": {
         "two_byte": [({"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_K": 64, "GROUP_M": 8},
                       {"num_warps": 8, "num_stages": 3}, 32 * KIB)],
-        "four_byte": [({"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_K": 32, "GROUP_M": 8},
-                       {"num_warps": 8, "num_stages": 3}, 128 * KIB),
-                      ({"BLOCK_M": 128, "BLOCK_C": 128, "BLOCK_K": 32, "GROUP_M": 8},
-                       {"num_warps": 8, "num_stages": 2}, 64 * KIB)],
+        "four_byte": [({"BLOCK_M": 64, "BLOCK_C": 128, "BLOCK_K": 16, "GROUP_M": 8},
+                       {"num_warps": 8, "num_stages": 3}, 48 * KIB)],
     },
     "low_rank_grad": {
-        "two_byte": [({"BLOCK_M": 64, "BLOCK_C": 128}, {"num_warps": 4, "num_stages": 3}, 24 * KIB)],
-        "four_byte": [({"BLOCK_M": 64, "BLOCK_C": 128}, {"num_warps": 4, "num_stages": 3}, 128 * KIB),
-                      ({"BLOCK_M": 64, "BLOCK_C": 128}, {"num_warps": 4, "num_stages": 2}, 80 * KIB)],
+        "two_byte": [({"BLOCK_M": 64, "BLOCK_C": 128}, {"num_warps": 8, "num_stages": 3}, 24 * KIB)],
+        "four_byte": [({"BLOCK_M": 32, "BLOCK_C": 64}, {"num_warps": 8, "num_stages": 3}, 32 * KIB)],
     },
 }
 # Under the interpreter bigger tiles mean fewer (slow, Python-level) programs.
@@ -339,7 +348,7 @@ def project(x: torch.Tensor, m: torch.Tensor, scale: float, keep: Optional[torch
         return out
     if n_cols == 0:
         return out.zero_()
-    rank_block = _rank_block(rank)
+    rank_block = _rank_block(rank, x.dtype)
     blocks, launch = _device_launch_config("project", x.dtype, x.device)
     keep_t, stride_km, stride_kc = _keep_args(keep, x)
     grid = (triton.cdiv(n_rows, blocks["BLOCK_M"]), triton.cdiv(rank, rank_block))
@@ -378,12 +387,12 @@ def matmul_plus_low_rank(
         x.stride(0), x.stride(1), w.stride(0), w.stride(1), h.stride(0), h.stride(1), l.stride(0), l.stride(1),
         stride_km, stride_kc, out.stride(0), out.stride(1),
         float(scaling),
-    ), dict(HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, RANK_BLOCK=_rank_block(rank),
+    ), dict(HAS_BIAS=bias is not None, HAS_KEEP=keep is not None, RANK_BLOCK=_rank_block(rank, x.dtype),
             **blocks, **_dtype_options(x.dtype)), launch))
     return out
 
 
-def split_count(n_rows: int, n_cols: int, rank: int, block_m: int, block_c: int) -> int:
+def split_count(n_rows: int, n_cols: int, rank: int, block_m: int, block_c: int, rank_block: int) -> int:
     """Row ranges ``low_rank_grad`` reduces in separate programs on a GPU: a function of the shapes only.
 
     Each split sums its rows in a fixed order and torch adds the splits' fp32 partials in order, so
@@ -392,7 +401,7 @@ def split_count(n_rows: int, n_cols: int, rank: int, block_m: int, block_c: int)
     device, so the same inputs give the same bits on an A100, an A6000 and an H100 with one Triton
     version, as far as the split reduction goes (docs/kernels.md: what can still differ).
     """
-    col_programs = triton.cdiv(n_cols, block_c) * triton.cdiv(rank, _rank_block(rank))
+    col_programs = triton.cdiv(n_cols, block_c) * triton.cdiv(rank, rank_block)
     return max(1, min(triton.cdiv(TARGET_PROGRAMS, col_programs), triton.cdiv(n_rows, 4 * block_m)))
 
 
@@ -407,11 +416,11 @@ def low_rank_grad(h: torch.Tensor, x: torch.Tensor, scale: float, keep: Optional
     rank = h.shape[1]
     if n_rows == 0 or n_cols == 0:
         return torch.zeros((rank, n_cols), device=x.device, dtype=x.dtype)
-    rank_block = _rank_block(rank)
+    rank_block = _rank_block(rank, x.dtype)
     blocks, launch = _device_launch_config("low_rank_grad", x.dtype, x.device)
     block_m, block_c = blocks["BLOCK_M"], blocks["BLOCK_C"]
     if splits is None:
-        splits = split_count(n_rows, n_cols, rank, block_m, block_c) if _gpu(x.device) else 1
+        splits = split_count(n_rows, n_cols, rank, block_m, block_c, rank_block) if _gpu(x.device) else 1
     rows_per_split = triton.cdiv(triton.cdiv(n_rows, splits), block_m) * block_m
     splits = triton.cdiv(n_rows, rows_per_split)
     # One split writes the result directly; several write fp32 partials that torch adds in order.

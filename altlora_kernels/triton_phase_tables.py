@@ -67,8 +67,12 @@ MAX_RANK = 128
 BLOCK_N_BY_PADDED_RANK = {16: 32, 32: 32, 64: 32, 128: 16}
 
 # Warps per program, by padded rank, for the per-layer kernels (factor, reduce: a few R×R fp32
-# tiles) and the update (R×BLOCK_N tiles and two R×R accumulators); same provenance.
-FACTOR_WARPS = {16: 4, 32: 4, 64: 8, 128: 16}
+# tiles) and the update (R×BLOCK_N tiles and two R×R accumulators); same provenance. Register
+# spills (ptxas -v, sm_80/86/90, docs/kernels.md): none at R ≤ 32 (the factor kernel at R = 16
+# takes 2 warps: 4 spilled 16 bytes on sm_80/86); at R = 64 the update spills ≤ 84 bytes on
+# sm_86/90; at R = 128 every kernel spills at every warp count tried (8–32): its R×R fp32 tiles
+# (64 KB each) outgrow the register file, and 16 warps is the measured middle ground.
+FACTOR_WARPS = {16: 2, 32: 4, 64: 8, 128: 16}
 UPDATE_WARPS = {16: 8, 32: 8, 64: 8, 128: 16}
 
 # A chunk (one update program) spans at least this many columns per padded rank row. Its two R×R

@@ -208,8 +208,8 @@ def test_fused_linear_address_arithmetic_is_int64(aot_cache):
     specs = []
     for kernel in ("project", "matmul_plus_low_rank", "low_rank_grad"):
         blocks, launch = triton_lora_linear.launch_config(kernel, torch.float32)
-        specs.append(dict(kernel=kernel, dtype="fp32", rank_block=64, has_keep=True, has_bias=True,
-                          blocks=blocks, launch=launch, arch=90))
+        specs.append(dict(kernel=kernel, dtype="fp32", rank_block=triton_lora_linear.MAX_RANK_BLOCK_FP32, has_keep=True,
+                          has_bias=True, blocks=blocks, launch=launch, arch=90))
     for result in _aot_builds(specs, aot_cache):
         assert result["i32_tensor_muls"] == [], f"{result['kernel']}: int32 index products {result['i32_tensor_muls']}"
         assert result["narrow_addptr_offsets"] == [], f"{result['kernel']}: {result['narrow_addptr_offsets']}"
@@ -235,31 +235,42 @@ def test_launch_config_fits_the_device_shared_memory():
                 blocks, launch = T.launch_config(kernel, dtype, shared_memory=limit)
                 chosen = next(c for c in candidates if (c[0], c[1]) == (blocks, launch))
                 assert chosen[2] <= limit, f"{kernel} {dtype} on {target}: needs {chosen[2]} > {limit}"
-    # The A6000 (99 KB) gets two stages for fp32 where three did not fit; A100/H100 keep three.
-    for kernel in ("matmul_plus_low_rank", "low_rank_grad"):
-        assert T.launch_config(kernel, torch.float32, shared_memory=TARGETS["sm_86"][1])[1]["num_stages"] == 2
-        for target in ("sm_80", "sm_90"):
-            assert T.launch_config(kernel, torch.float32, shared_memory=TARGETS[target][1])[1]["num_stages"] == 3
+    # Every target (the A6000's 99 KB included) fits the preferred configuration of every kernel:
+    # no target runs a smaller pipeline (the old fp32 tiles needed up to 128 KB).
+    for kernel in KERNELS:
+        for dtype in DTYPE_NAMES:
+            first = T.launch_candidates(kernel, dtype)[0]
+            for target, (_, limit) in TARGETS.items():
+                assert first[2] <= limit, f"{kernel} {dtype}: {first[2]} bytes do not fit {target}"
 
 
 def test_launchers_ask_the_tensors_device_for_its_shared_memory(monkeypatch):
     T = triton_lora_linear
     asked = []
 
+    chosen = []
+
     def fake_shared_memory(index):
         asked.append(index)
         return TARGETS["sm_86"][1]
 
+    def recorded_config(kernel, dtype, gpu=True, shared_memory=None):
+        chosen.append(shared_memory)
+        return launch_config(kernel, dtype, gpu, shared_memory)
+
+    launch_config = T.launch_config
     monkeypatch.setattr(T, "_gpu", lambda device: True)
     monkeypatch.setattr(T, "shared_memory_per_block", fake_shared_memory)
-    blocks, launch = T._device_launch_config("low_rank_grad", torch.float32, torch.device("cuda", 1))
-    assert asked == [1] and launch["num_stages"] == 2
+    monkeypatch.setattr(T, "launch_config", recorded_config)
+    assert T._device_launch_config("low_rank_grad", torch.float32, torch.device("cuda", 1)) == \
+        launch_config("low_rank_grad", torch.float32, shared_memory=TARGETS["sm_86"][1])
+    assert asked == [1] and chosen == [TARGETS["sm_86"][1]]
 
 
 def _config_specs(arch, limit, full):
     """The builds of the launch configurations chosen for a device with ``limit`` bytes per block:
-    the largest rank block with and without dropout (CI), or every rank block, dtype and
-    candidate (``full``)."""
+    the largest rank block of each dtype with and without dropout (CI), or every rank block, dtype
+    and candidate (``full``)."""
     specs = []
     dtypes = list(DTYPE_NAMES) if full else [torch.float32, torch.bfloat16]
     for kernel in KERNELS:
@@ -267,8 +278,9 @@ def _config_specs(arch, limit, full):
             configs = triton_lora_linear.launch_candidates(kernel, dtype) if full else []
             blocks, launch = triton_lora_linear.launch_config(kernel, dtype, shared_memory=limit)
             chosen = [c for c in triton_lora_linear.launch_candidates(kernel, dtype) if (c[0], c[1]) == (blocks, launch)]
+            largest = triton_lora_linear._rank_block(1 << 20, dtype)
             for block_cfg, launch_cfg, budget in configs or chosen:
-                for rank_block in ((16, 32, 64) if full else (64,)):
+                for rank_block in ([b for b in (16, 32, 64) if b <= largest] if full else (largest,)):
                     for has_keep in (True, False):
                         for has_bias in ((True, False) if full and kernel == "matmul_plus_low_rank" else (True,)):
                             specs.append(dict(kernel=kernel, dtype=DTYPE_NAMES[dtype], rank_block=rank_block,
@@ -280,22 +292,33 @@ def _config_specs(arch, limit, full):
 
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_fused_linear_builds_fit_shared_memory(target, aot_cache):
-    """Each configuration the launch code chooses for ``target`` builds for it and fits its shared
-    memory per block, and needs no more than the budget its choice was made by. CI builds the largest
-    rank block (the most shared memory in every measured case); ALTLORA_FULL_COMPILE_MATRIX=1 builds
-    every rank block, dtype, dropout/bias variant and candidate (minutes)."""
+    """Each configuration the launch code chooses for ``target`` builds for it, fits its shared
+    memory per block, needs no more than the budget its choice was made by, and spills no more
+    registers than triton_aot.SPILL_BOUNDS allows (none); the spill and register counts of every
+    build are printed per target. CI builds the largest rank block (the most shared memory in every
+    measured case); ALTLORA_FULL_COMPILE_MATRIX=1 builds every rank block, dtype, dropout/bias
+    variant and candidate (minutes)."""
     import os
+
+    from triton_aot import print_report, spill_bound
 
     arch, limit = TARGETS[target]
     full = os.environ.get("ALTLORA_FULL_COMPILE_MATRIX", "0") == "1"
-    failures = []
+    failures, report = [], []
     for r in _aot_builds(_config_specs(arch, limit, full), aot_cache):
         what = (f"{r['kernel']} {r['dtype']} rank_block={r['rank_block']} keep={r['has_keep']} "
-                f"{r['blocks']} {r['launch']} on {target}: {r['shared']} bytes")
+                f"{r['blocks']} {r['launch']} on {target}")
         if r["shared"] > r["budget"]:
-            failures.append(f"{what} > its budget {r['budget']}")
+            failures.append(f"{what}: {r['shared']} bytes of shared memory > its budget {r['budget']}")
         if r["chosen"] and r["shared"] > limit:
-            failures.append(f"{what} > the limit {limit}")
+            failures.append(f"{what}: {r['shared']} bytes of shared memory > the limit {limit}")
+        bound = spill_bound(f"_{r['kernel']}_kernel", r["rank_block"])
+        if r["chosen"] and r["spills"] > bound:
+            failures.append(f"{what}: {r['spills']} bytes of register spills > {bound}")
+        report.append(dict(kernel=r["kernel"], dtype=r["dtype"], rank_block=r["rank_block"], keep=r["has_keep"],
+                           stages=r["launch"].get("num_stages"), chosen=r["chosen"], shared=r["shared"],
+                           registers=r["registers"], spills=r["spills"]))
+    print_report(f"fused LoRA linear builds for {target}", report, list(report[0]))
     assert not failures, "\n".join(failures)
 
 
@@ -310,10 +333,10 @@ def test_split_count_is_a_function_of_the_shapes_not_the_device(monkeypatch):
         raise AssertionError("the split count asked the device for its properties")
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", no_properties)
-    assert T.split_count(8192, 4096, 16, 64, 128) == 16  # 32 column programs: 512 / 32
-    assert T.split_count(8192, 14336, 64, 64, 128) == 5  # 112 column programs
-    assert T.split_count(200, 64, 8, 64, 128) == 1  # too few rows to split
-    assert T.split_count(10**6, 32, 8, 64, 128) == T.TARGET_PROGRAMS
+    assert T.split_count(8192, 4096, 16, 64, 128, 16) == 16  # 32 column programs: 512 / 32
+    assert T.split_count(8192, 14336, 64, 64, 128, 64) == 5  # 112 column programs
+    assert T.split_count(200, 64, 8, 64, 128, 16) == 1  # too few rows to split
+    assert T.split_count(10**6, 32, 8, 64, 128, 16) == T.TARGET_PROGRAMS
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setattr(T, "_gpu", lambda device: True)  # choose as on a GPU, run in the interpreter
@@ -324,7 +347,7 @@ def test_split_count_is_a_function_of_the_shapes_not_the_device(monkeypatch):
     g = torch.Generator().manual_seed(3)
     h, x = torch.randn(300, 5, generator=g), torch.randn(300, 7, generator=g)
     got = T.low_rank_grad(h, x, 0.5)
-    assert asked == [(300, 7, 5, 32, 32)]
+    assert asked == [(300, 7, 5, 32, 32, 16)]
     torch.testing.assert_close(got.double(), 0.5 * h.double().T @ x.double(), rtol=1e-5, atol=1e-5)
 
 

@@ -465,45 +465,71 @@ def _ptxas_available():
     return nvidia.is_dir() and (any((nvidia / "bin").glob("ptxas*")) or shutil.which("ptxas"))
 
 
+def _phase_build_configs(full):
+    """(r, param dtype, AltLoRA+, factor) of the phases whose launches are built ahead of time.
+
+    CI: every padded rank (16, 32, 64, 128) with every constexpr switch on (bf16 B phase of
+    AltLoRA+ with a snapshot and the non-finite flag), and the plain fp32 A phase once.
+    ALTLORA_FULL_COMPILE_MATRIX=1: every padded rank × parameter dtype × variant × factor."""
+    if full:
+        return [(r, dtype, adaptive, factor) for r in (8, 32, 64, 128)
+                for dtype in (torch.float32, torch.bfloat16, torch.float16)
+                for adaptive in (False, True) for factor in ("A", "B")]
+    return [(r, torch.bfloat16, True, "B") for r in (4, 8, 16, 32, 64, 128)] + [(4, torch.float32, False, "A")]
+
+
 @pytest.mark.skipif(CUDA, reason="on a GPU test_cuda_every_kernel_compiles_and_matches_torch builds them for real")
 @pytest.mark.skipif(not _ptxas_available(), reason="this Triton has no NVIDIA backend/ptxas to build for a GPU target")
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_every_kernel_builds_for(target, monkeypatch):
-    # The interpreter accepts tl.dot shapes that a GPU compiler rejects: build every kernel of the
-    # launches a phase makes at r ∈ {4, 8, 16, 64, 128} (padded 16, 64, 128) down to a cubin for
-    # each target, within its shared memory per block.
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    """The interpreter accepts tl.dot shapes that a GPU compiler rejects: build the kernels of the
+    launches a phase makes, at every padded rank, down to a cubin for ``target``, within its shared
+    memory per block and within the register-spill bounds of triton_aot.SPILL_BOUNDS; the shared
+    memory, registers and spills of every build are printed (``pytest -s``)."""
+    import os
+
+    from triton_aot import compile_with_report, print_report, spill_bound
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     tables.clear_cache()
-    seen = set()
-    for r in (4, 8, 16, 64, 128):
-        # Every constexpr switch on at each rank, and the plain fp32 A phase once.
-        configs = [(torch.bfloat16, True, "B")] + ([(torch.float32, False, "A")] if r == 4 else [])
-        for dtype, adaptive, factor in configs:
-            L, d, k = 2, 37, 29
-            shape = (k, r) if factor == "B" else (r, d)
-            params = [torch.zeros(shape, dtype=dtype) for _ in range(L)]
-            eye = torch.eye(r).expand(L, r, r).contiguous()
-            group = FactorGroup(params=params, grads=[torch.zeros_like(p) for p in params], transposed=factor == "B",
-                                momentum=torch.zeros(L, *shape), variance=torch.zeros(L, *shape) if adaptive else None,
-                                step=torch.zeros(L), gram=eye.clone(), cross=eye.clone(), other_gram=eye.clone(),
-                                other_cross=eye.clone(), inv_scale_sq=torch.ones(L),
-                                snapshot=torch.zeros(L, *shape, dtype=dtype) if adaptive else None)
-            hp = PhaseHyperParams(lr=0.1, beta1=0.9, weight_decay=0.0, damping=1e-3, adaptive=adaptive)
-            for launch in triton_phase_update.phase_launches([group], hp, torch.zeros(()) if adaptive else None):
-                key = (launch.kernel.__name__, tuple(sorted((n, str(v)) for n, v in launch.constexprs.items())), launch.num_warps)
-                if key in seen:
-                    continue
-                seen.add(key)
-                source = ASTSource(fn=launch.kernel.get(), signature=_signature(launch), constexprs=dict(launch.constexprs))
-                arch, limit = TARGETS[target]
-                compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": launch.num_warps})
-                assert compiled.asm["cubin"], key
-                assert compiled.metadata.shared <= limit, f"{key} needs {compiled.metadata.shared} bytes on {target}"
+    full = os.environ.get("ALTLORA_FULL_COMPILE_MATRIX", "0") == "1"
+    arch, limit = TARGETS[target]
+    seen, report, failures = set(), [], []
+    for r, dtype, adaptive, factor in _phase_build_configs(full):
+        L, d, k = 2, 37, 29
+        shape = (k, r) if factor == "B" else (r, d)
+        params = [torch.zeros(shape, dtype=dtype) for _ in range(L)]
+        eye = torch.eye(r).expand(L, r, r).contiguous()
+        group = FactorGroup(params=params, grads=[torch.zeros_like(p) for p in params], transposed=factor == "B",
+                            momentum=torch.zeros(L, *shape), variance=torch.zeros(L, *shape) if adaptive else None,
+                            step=torch.zeros(L), gram=eye.clone(), cross=eye.clone(), other_gram=eye.clone(),
+                            other_cross=eye.clone(), inv_scale_sq=torch.ones(L),
+                            snapshot=torch.zeros(L, *shape, dtype=dtype) if adaptive else None)
+        hp = PhaseHyperParams(lr=0.1, beta1=0.9, weight_decay=0.0, damping=1e-3, adaptive=adaptive)
+        for launch in triton_phase_update.phase_launches([group], hp, torch.zeros(()) if adaptive else None):
+            key = (launch.kernel.__name__, tuple(sorted((n, str(v)) for n, v in launch.constexprs.items())), launch.num_warps)
+            if key in seen:
+                continue
+            seen.add(key)
+            compiled, built = compile_with_report(launch.kernel.get(), _signature(launch), dict(launch.constexprs), arch,
+                                                  {"num_warps": launch.num_warps})
+            assert compiled.asm["cubin"], key
+            name, padded = launch.kernel.__name__, launch.constexprs["R"]
+            what = f"{name} R={padded} {dict(launch.constexprs)} on {target}"
+            if built["shared"] > limit:
+                failures.append(f"{what}: {built['shared']} bytes of shared memory > {limit}")
+            if built["spills"] > spill_bound(name, padded):
+                failures.append(f"{what}: {built['spills']} bytes of register spills > {spill_bound(name, padded)}")
+            report.append(dict(kernel=name, R=padded, BLOCK_N=launch.constexprs.get("BLOCK_N", ""),
+                               warps=launch.num_warps, dtype=str(launch.constexprs.get("PARAM_DTYPE", "")),
+                               variant="+".join(n.lower() for n in ("TRANSPOSED", "ADAPTIVE", "HAS_SNAPSHOT", "HAS_FOUND_INF")
+                                                if launch.constexprs.get(n)),
+                               **built))
     tables.clear_cache()
-    assert {k[0] for k in seen} == {"_factor_kernel", "_update_kernel", "_reduce_kernel"}
+    print_report(f"phase-update builds for {target}", report, list(report[0]))
+    assert {row["kernel"] for row in report} == {"_factor_kernel", "_update_kernel", "_reduce_kernel"}
+    assert {row["R"] for row in report} == {16, 32, 64, 128}
+    assert not failures, "\n".join(failures)
 
 
 if __name__ == "__main__":  # pragma: no cover
