@@ -28,7 +28,7 @@ run raises a ``RuntimeError`` that says why.
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
@@ -88,16 +88,27 @@ def _check_name(name: str, op: str, allow_auto: bool = True) -> None:
         raise ValueError(f"Invalid backend: {name!r} (expected one of {', '.join(names)})")
 
 
+# (name, op) -> module or None: looked up once (the step asks for it every phase; an import
+# lookup costs several µs).
+_MODULES: Dict[tuple, Any] = {}
+
+
 def backend_module(name: str, op: str = PHASE_UPDATE):
     """The module of concrete backend ``name`` for ``op``, or None when it is not part of this build."""
+    key = (name, op)
+    if key in _MODULES:
+        return _MODULES[key]
     _check_name(name, op, allow_auto=False)
     module_name = _modules(op)[name]
     try:
-        return importlib.import_module(f".{module_name}", __package__)
+        module = importlib.import_module(f".{module_name}", __package__)
     except ModuleNotFoundError as err:
         if err.name and err.name.endswith(module_name):
-            return None
-        raise
+            module = None
+        else:
+            raise
+    _MODULES[key] = module
+    return module
 
 
 def supported_dtypes(name: str, op: str = PHASE_UPDATE) -> Optional[tuple]:
