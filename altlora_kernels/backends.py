@@ -90,14 +90,14 @@ def _check_name(name: str, op: str, allow_auto: bool = True) -> None:
 
 # (name, op) -> module or None: looked up once (the step asks for it every phase; an import
 # lookup costs several µs).
-_MODULES: Dict[tuple, Any] = {}
+_LOADED: Dict[tuple, Any] = {}
 
 
 def backend_module(name: str, op: str = PHASE_UPDATE):
     """The module of concrete backend ``name`` for ``op``, or None when it is not part of this build."""
     key = (name, op)
-    if key in _MODULES:
-        return _MODULES[key]
+    if key in _LOADED:
+        return _LOADED[key]
     _check_name(name, op, allow_auto=False)
     module_name = _modules(op)[name]
     try:
@@ -107,7 +107,7 @@ def backend_module(name: str, op: str = PHASE_UPDATE):
             module = None
         else:
             raise
-    _MODULES[key] = module
+    _LOADED[key] = module
     return module
 
 
