@@ -1,20 +1,55 @@
 #!/usr/bin/env bash
-# The whole GPU check in one call, for the lent GPU machine (its preinstalled torch and Triton,
-# no network, nothing to install): the test suite (CUDA cases included) and the benchmark runner.
+# The GPU check, for the lent GPU machine: its preinstalled torch and Triton, no network, nothing to
+# install (never run ./setup.sh there: it would replace the machine's torch).
 #
-#   bash bench/gpu_check.sh [OUTDIR]        # from the repository root; OUTDIR defaults to $OUT or bench/results
+#   bash bench/gpu_check.sh --quick [OUTDIR]            # ≤ 8 minutes: run this first on a lent GPU
+#   bash bench/gpu_check.sh --quick --dry-run [OUTDIR]  # the same parts on the CPU, tiny shapes (~1 min)
+#   bash bench/gpu_check.sh [OUTDIR]                    # the whole suite and every benchmark (too long for one lease)
 #
-# Leaves gpu-tests.log, gpu-bench.log and the runner's cuda-*.{json,csv,md} + latest-cuda.md in
-# OUTDIR: copy them into bench/results/ and commit them.
+# OUTDIR defaults to $OUT, else bench/results. Run from anywhere; PYTHON picks the interpreter.
+#
+# --quick runs these parts, each under its own `timeout` (one hang cannot eat the lease), and then a
+# summary (summary.md, quick-parts.tsv); each part leaves quick-<part>.log and <part>.json:
+#   env            versions, the device, the first-use self-check of the Triton phase update
+#   tests          the CUDA tests only (tests/test_triton_cuda.py, the CUDA cases of the phase-update,
+#                  fused-linear and model-change tests); no interpreter test runs (Triton 3.6's
+#                  interpreter fails with numpy >= 2.4)
+#   sweep          every launch configuration the code can choose against the torch backend / float64
+#   memcheck       compute-sanitizer memcheck of one small step (skipped when compute-sanitizer is missing)
+#   optimizer      the optimizer step at Llama-3-8B adapter shapes (32 × q,k,v,o; r 8 and 64)
+#   linear         the fused LoRA linear at 8192 tokens × 4096², bf16
+#   e2e            a training step of 2 Llama-shaped blocks built from altlora.LoRALinear
+#   e2e-hf         bench/end_to_end.py --quick, if transformers and peft are installed
+# Copy OUTDIR's summary.md, *.json, sweep.jsonl and logs into bench/results/gpu-quick/ and commit them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:-${OUT:-bench/results}}
+
+usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
+
+QUICK=0
+DRY=0
+OUTDIR=""
+for arg in "$@"; do
+    case "$arg" in
+        --quick) QUICK=1 ;;
+        --dry-run) DRY=1 ;;
+        -h|--help) usage; exit 0 ;;
+        -*) echo "gpu_check.sh: unknown option $arg" >&2; usage >&2; exit 2 ;;
+        *) OUTDIR=$arg ;;
+    esac
+done
+if [ "$DRY" = 1 ] && [ "$QUICK" = 0 ]; then
+    echo "gpu_check.sh: --dry-run goes with --quick" >&2
+    exit 2
+fi
+OUTDIR=${OUTDIR:-${OUT:-bench/results}}
 mkdir -p "$OUTDIR"
 export PYTHONPATH="$PWD/python:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
-$PY - <<'PYEOF' | tee "$OUTDIR/gpu-env.txt"
+if [ "$QUICK" = 0 ]; then
+    $PY - <<'PYEOF' | tee "$OUTDIR/gpu-env.txt"
 import platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda)
 try:
@@ -23,10 +58,94 @@ except ImportError:
     print("triton not installed")
 print("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NO CUDA DEVICE")
 PYEOF
+    status=0
+    echo "== tests =="
+    $PY -m pytest -q -rs tests 2>&1 | tee "$OUTDIR/gpu-tests.log" || status=1
+    echo "== benchmarks =="
+    $PY -m bench --output "$OUTDIR" 2>&1 | tee "$OUTDIR/gpu-bench.log" || status=1
+    exit $status
+fi
 
-status=0
-echo "== tests ==" 
-$PY -m pytest -q -rs tests 2>&1 | tee "$OUTDIR/gpu-tests.log" || status=1
-echo "== benchmarks ==" 
-$PY -m bench --output "$OUTDIR" 2>&1 | tee "$OUTDIR/gpu-bench.log" || status=1
-exit $status
+# ------------------------------------------------------------------------------------ --quick
+# Time boxes in seconds (they add up to 455 s, under 8 minutes with the start-ups), and the
+# Python parts' flags. A dry run gets looser boxes: a shared CPU is slower than a lent GPU.
+if [ "$DRY" = 1 ]; then
+    export TRITON_INTERPRET=1
+    PART_FLAGS=(--dry-run)
+    declare -A BOX=([env]=90 [tests]=120 [sweep]=120 [memcheck]=90 [optimizer]=90 [linear]=90 [e2e]=90 [e2e-hf]=120)
+else
+    unset TRITON_INTERPRET  # nothing here may run Triton's interpreter (numpy >= 2.4 breaks Triton 3.6's)
+    PART_FLAGS=()
+    declare -A BOX=([env]=25 [tests]=130 [sweep]=110 [memcheck]=50 [optimizer]=45 [linear]=30 [e2e]=35 [e2e-hf]=30)
+    # One Triton cache for every part, outside OUTDIR (whose files are copied back): later parts
+    # reuse the kernels the earlier ones built.
+    export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/altlora-triton-cache}
+fi
+PARTS_TSV="$OUTDIR/quick-parts.tsv"
+: > "$PARTS_TSV"
+START=$(date +%s)
+
+# run_part NAME COMMAND...: run under NAME's time box, log to quick-NAME.log, record the exit
+# status (124/137: timed out) and the seconds taken.
+run_part() {
+    local name=$1
+    shift
+    local limit=${BOX[$name]}
+    echo
+    echo "== $name (time box ${limit} s, $(( $(date +%s) - START )) s so far) =="
+    local t0
+    t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUTDIR/quick-$name.log"
+    local rc=${PIPESTATUS[0]}
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$limit" >> "$PARTS_TSV"
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "!! $name: timed out after $limit s"
+    return 0
+}
+
+py_part() {  # py_part NAME: the Python part NAME of bench/gpu_quick.py
+    run_part "$1" $PY -m bench.gpu_quick "$1" --out "$OUTDIR" "${PART_FLAGS[@]}"
+}
+
+py_part env
+
+# The CUDA tests, new cases first; the selection (-k cuda) never reaches an interpreter test.
+if $PY -c "import pytest" 2>/dev/null; then
+    run_part tests env ALTLORA_TRITON_SELF_CHECK=0 $PY -m pytest -q -rfEs -p no:cacheprovider -k cuda \
+        tests/test_triton_cuda.py tests/test_triton_phase_update.py tests/test_lora_linear.py tests/test_model_changes.py
+else
+    echo "== tests: skipped, pytest is not installed =="
+    printf 'tests\t3\t0\t0\n' >> "$PARTS_TSV"
+fi
+
+py_part sweep
+
+SANITIZER=$(command -v compute-sanitizer || true)
+for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
+    [ -z "$SANITIZER" ] && [ -x "$candidate" ] && SANITIZER=$candidate
+done
+if [ -n "$SANITIZER" ] && [ "$DRY" = 0 ]; then
+    # Without the caching allocator every tensor is its own allocation, so an access past its end
+    # is an error the sanitizer sees instead of a read of the cached block's next tensor.
+    run_part memcheck env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool memcheck --error-exitcode 86 \
+        --print-limit 20 $PY -m bench.gpu_quick memcheck-step --out "$OUTDIR"
+else
+    reason="compute-sanitizer is not on PATH (nor in \$CUDA_HOME/bin)"
+    [ "$DRY" = 1 ] && reason="dry run"
+    run_part memcheck bash -c 'echo "memcheck skipped: $0; the step runs without it"; exec "$@"' "$reason" \
+        $PY -m bench.gpu_quick memcheck-step --out "$OUTDIR" "${PART_FLAGS[@]}"
+    # Recorded as skipped (3) when the step itself passed: nothing was sanitized.
+    last=$(tail -n 1 "$PARTS_TSV")
+    if [ "$(cut -f2 <<<"$last")" = 0 ]; then
+        sed -i '$ d' "$PARTS_TSV"
+        printf 'memcheck\t3\t%s\t%s\n' "$(cut -f3 <<<"$last")" "$(cut -f4 <<<"$last")" >> "$PARTS_TSV"
+    fi
+fi
+
+py_part optimizer
+py_part linear
+py_part e2e
+py_part e2e-hf
+
+echo
+echo "== summary ($(( $(date +%s) - START )) s) =="
+$PY -m bench.gpu_quick summary --out "$OUTDIR" "${PART_FLAGS[@]}"
