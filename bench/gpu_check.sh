@@ -7,6 +7,8 @@
 #   bash bench/gpu_check.sh [OUTDIR]                    # the whole suite and every benchmark (too long for one lease)
 #
 # OUTDIR defaults to $OUT, else bench/results. Run from anywhere; PYTHON picks the interpreter.
+# GPU_CHECK_PARTS=sweep,linear runs only those parts of --quick; GPU_CHECK_BOX_<part>=SECONDS
+# changes a part's time box (e2e-hf: GPU_CHECK_BOX_e2e_hf).
 #
 # --quick runs these parts, each under its own `timeout` (one hang cannot eat the lease), and then a
 # summary (summary.md, quick-parts.tsv); each part leaves quick-<part>.log and <part>.json:
@@ -15,6 +17,7 @@
 #                  fused-linear and model-change tests); no interpreter test runs (Triton 3.6's
 #                  interpreter fails with numpy >= 2.4)
 #   sweep          every launch configuration the code can choose against the torch backend / float64
+#                  (beside the tests: both mostly build kernels)
 #   memcheck       compute-sanitizer memcheck of one small step (skipped when compute-sanitizer is missing)
 #   optimizer      the optimizer step at Llama-3-8B adapter shapes (32 × q,k,v,o; r 8 and 64)
 #   linear         the fused LoRA linear at 8192 tokens × 4096², bf16
@@ -67,8 +70,10 @@ PYEOF
 fi
 
 # ------------------------------------------------------------------------------------ --quick
-# Time boxes in seconds (they add up to 455 s, under 8 minutes with the start-ups), and the
-# Python parts' flags. A dry run gets looser boxes: a shared CPU is slower than a lent GPU.
+# Time boxes in seconds, and the Python parts' flags. tests and sweep run side by side (both
+# mostly build Triton kernels on the CPU; neither is timed); the rest one after the other. The
+# longest path: 25 + 170 + 50 + 45 + 40 + 35 + 30 = 395 s, under 8 minutes with the start-ups.
+# A dry run gets looser boxes: a shared CPU is slower than a lent GPU.
 if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1
     PART_FLAGS=(--dry-run)
@@ -76,11 +81,17 @@ if [ "$DRY" = 1 ]; then
 else
     unset TRITON_INTERPRET  # nothing here may run Triton's interpreter (numpy >= 2.4 breaks Triton 3.6's)
     PART_FLAGS=()
-    declare -A BOX=([env]=25 [tests]=130 [sweep]=110 [memcheck]=50 [optimizer]=45 [linear]=30 [e2e]=35 [e2e-hf]=30)
+    declare -A BOX=([env]=25 [tests]=170 [sweep]=170 [memcheck]=50 [optimizer]=45 [linear]=40 [e2e]=35 [e2e-hf]=30)
     # One Triton cache for every part, outside OUTDIR (whose files are copied back): later parts
     # reuse the kernels the earlier ones built.
     export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/altlora-triton-cache}
 fi
+for name in "${!BOX[@]}"; do  # GPU_CHECK_BOX_<part> overrides
+    override="GPU_CHECK_BOX_${name//-/_}"
+    [ -n "${!override:-}" ] && BOX[$name]=${!override}
+done
+SELECTED=",${GPU_CHECK_PARTS:-env,tests,sweep,memcheck,optimizer,linear,e2e,e2e-hf},"
+selected() { [[ "$SELECTED" == *",$1,"* ]]; }
 PARTS_TSV="$OUTDIR/quick-parts.tsv"
 : > "$PARTS_TSV"
 START=$(date +%s)
@@ -90,6 +101,7 @@ START=$(date +%s)
 run_part() {
     local name=$1
     shift
+    selected "$name" || return 0
     local limit=${BOX[$name]}
     echo
     echo "== $name (time box ${limit} s, $(( $(date +%s) - START )) s so far) =="
@@ -106,18 +118,53 @@ py_part() {  # py_part NAME: the Python part NAME of bench/gpu_quick.py
     run_part "$1" $PY -m bench.gpu_quick "$1" --out "$OUTDIR" "${PART_FLAGS[@]}"
 }
 
+# start_part NAME COMMAND...: run_part in the background, its output only in quick-NAME.log;
+# finish_part NAME waits for it, shows the log and records its row.
+declare -A BG_PIDS=()
+start_part() {
+    local name=$1
+    shift
+    selected "$name" || return 0
+    local limit=${BOX[$name]}
+    echo
+    echo "== $name (time box ${limit} s, in the background: quick-$name.log) =="
+    (
+        t0=$(date +%s)
+        timeout --kill-after=10 "$limit" "$@" > "$OUTDIR/quick-$name.log" 2>&1
+        rc=$?
+        printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$limit" > "$OUTDIR/.quick-$name.row"
+    ) &
+    BG_PIDS[$name]=$!
+}
+finish_part() {
+    local name=$1
+    selected "$name" || return 0
+    wait "${BG_PIDS[$name]}"
+    echo
+    echo "== $name (ran in the background) =="
+    cat "$OUTDIR/quick-$name.log"
+    local row
+    row=$(cat "$OUTDIR/.quick-$name.row")
+    rm -f "$OUTDIR/.quick-$name.row"
+    echo "$row" >> "$PARTS_TSV"
+    case "$(cut -f2 <<<"$row")" in 124|137) echo "!! $name: timed out after ${BOX[$name]} s" ;; esac
+}
+
 py_part env
 
-# The CUDA tests, new cases first; the selection (-k cuda) never reaches an interpreter test.
+start_part sweep $PY -m bench.gpu_quick sweep --out "$OUTDIR" "${PART_FLAGS[@]}"
+
+# The CUDA tests, new cases first; the selection (-k cuda) never reaches an interpreter test. -v:
+# a test's line is in the log as soon as it ends, so a time-out still shows how far it got.
 if $PY -c "import pytest" 2>/dev/null; then
-    run_part tests env ALTLORA_TRITON_SELF_CHECK=0 $PY -m pytest -q -rfEs -p no:cacheprovider -k cuda \
+    run_part tests env ALTLORA_TRITON_SELF_CHECK=0 $PY -m pytest -v -rfEs -p no:cacheprovider -k cuda \
         tests/test_triton_cuda.py tests/test_triton_phase_update.py tests/test_lora_linear.py tests/test_model_changes.py
-else
+elif selected tests; then
     echo "== tests: skipped, pytest is not installed =="
     printf 'tests\t3\t0\t0\n' >> "$PARTS_TSV"
 fi
 
-py_part sweep
+finish_part sweep
 
 SANITIZER=$(command -v compute-sanitizer || true)
 for candidate in "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer; do
@@ -135,7 +182,7 @@ else
         $PY -m bench.gpu_quick memcheck-step --out "$OUTDIR" "${PART_FLAGS[@]}"
     # Recorded as skipped (3) when the step itself passed: nothing was sanitized.
     last=$(tail -n 1 "$PARTS_TSV")
-    if [ "$(cut -f2 <<<"$last")" = 0 ]; then
+    if selected memcheck && [ "$(cut -f2 <<<"$last")" = 0 ]; then
         sed -i '$ d' "$PARTS_TSV"
         printf 'memcheck\t3\t%s\t%s\n' "$(cut -f3 <<<"$last")" "$(cut -f4 <<<"$last")" >> "$PARTS_TSV"
     fi
@@ -148,4 +195,4 @@ py_part e2e-hf
 
 echo
 echo "== summary ($(( $(date +%s) - START )) s) =="
-$PY -m bench.gpu_quick summary --out "$OUTDIR" "${PART_FLAGS[@]}"
+$PY -m bench.gpu_quick summary --out "$OUTDIR" --elapsed "$(( $(date +%s) - START ))" "${PART_FLAGS[@]}"

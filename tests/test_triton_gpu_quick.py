@@ -62,6 +62,24 @@ def test_quick_dry_run_runs_every_part(tmp_path):
 
 
 @needs_shell
+def test_a_part_that_hangs_is_cut_at_its_time_box_and_the_rest_runs(tmp_path):
+    """A hung part (here: the linear benchmark's interpreter sleeps) is killed at its time box,
+    reported as timed out, and the check goes on to the next part and the summary."""
+    fake_python = tmp_path / "python"
+    fake_python.write_text(f'#!/bin/bash\n[ "$3" = linear ] && exec sleep 300\nexec "{sys.executable}" "$@"\n')
+    fake_python.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**_script_env(), "PYTHON": str(fake_python), "GPU_CHECK_PARTS": "linear,e2e", "GPU_CHECK_BOX_linear": "2"}
+    proc = subprocess.run(["bash", str(SCRIPT), "--quick", "--dry-run", str(out)], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1, (proc.stdout + proc.stderr)[-3000:]  # a timed-out part fails the check
+    rows = [line.split("\t") for line in (out / "quick-parts.tsv").read_text().splitlines()]
+    assert [(r[0], r[1]) for r in rows] == [("linear", "124"), ("e2e", "0")]
+    assert int(rows[0][2]) < 15
+    assert "| linear | TIMED OUT after 2 s |" in (out / "summary.md").read_text()
+
+
+@needs_shell
 def test_dry_run_needs_quick_and_unknown_options_are_refused(tmp_path):
     for args in (["--dry-run"], ["--quick", "--fast"]):
         proc = subprocess.run(["bash", str(SCRIPT), *args, str(tmp_path)], env=_script_env(), capture_output=True,
