@@ -26,12 +26,13 @@ Grams are taken of the values actually stored (after rounding to the parameter d
 resumed run that recomputes them from the parameters gets the same numbers.
 
 ``found_inf`` (a 0-dim tensor, non-zero when a gradient is not finite) turns the whole phase
-into a no-op on the device, without a host sync: every output keeps its old value.
+into a no-op on the device, without a host sync: every output keeps its old value. (A flag on
+the CPU is read on the host, which costs nothing there.)
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -70,12 +71,47 @@ def phase_update_torch(
     hp: PhaseHyperParams,
     found_inf: Optional[torch.Tensor] = None,
 ) -> None:
-    """Run one phase for every group; a fixed number of batched ops per group."""
-    for g in groups:
-        _phase_update_group(g, hp, found_inf)
+    """Run one phase for every group: the r×r work of all groups of one rank, dtype and device in
+    one batch, then a fixed number of batched ops per group."""
+    if found_inf is not None and found_inf.device.type == "cpu":
+        # Reading a CPU flag costs no device sync: a skipped phase does nothing at all, and a
+        # taken one runs the direct path (every buffer written in place, no torch.where copies).
+        if bool(found_inf.item()):
+            return
+        found_inf = None
+    for g, (precond, carry) in zip(groups, _preconditioners(groups, hp)):
+        _phase_update_group(g, hp, found_inf, precond, carry)
 
 
-def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optional[torch.Tensor]) -> None:
+def _preconditioners(groups: Sequence[FactorGroup], hp: PhaseHyperParams) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per group, ``(P/s², P·C_Y)`` (see the module docstring), the groups of one rank, dtype and
+    device batched together: a dozen ops on r×r matrices per batch instead of per group (each op
+    costs several µs whatever its size; mixed layer shapes make several groups per phase)."""
+    batches: Dict[tuple, List[int]] = {}
+    for i, g in enumerate(groups):
+        batches.setdefault((g.other_gram.shape[-1], g.other_gram.dtype, g.other_gram.device), []).append(i)
+    out: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(groups)
+    for members in batches.values():
+        batch = [groups[i] for i in members]
+        one = len(batch) == 1
+        gram = batch[0].other_gram if one else torch.cat([g.other_gram for g in batch])
+        cross = batch[0].other_cross if one else torch.cat([g.other_cross for g in batch])
+        inv_scale_sq = batch[0].inv_scale_sq if one else torch.cat([g.inv_scale_sq for g in batch])
+        # NOTE: P is formed from the Cholesky factor of the *damped* Gram (never by inverting a raw
+        # Gram) and applied with bmm: for r ≤ 128 this is as accurate as cholesky_solve and several
+        # times faster than a batched triangular solve with d right-hand sides. Scalars (1/s²) are
+        # folded into the r×r matrices so that the d-sized tensors see as few passes as possible.
+        inverse = torch.cholesky_inverse(damped_cholesky(gram, hp.damping))  # P
+        carry = torch.bmm(inverse, cross)  # P · C_Y
+        precond = inverse * inv_scale_sq[:, None, None]  # P / s²
+        sizes = [len(g.params) for g in batch]
+        for i, p, c in zip(members, precond.split(sizes), carry.split(sizes)):
+            out[i] = (p, c)
+    return out
+
+
+def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optional[torch.Tensor],
+                        precond: torch.Tensor, carry: torch.Tensor) -> None:
     t = g.transposed
     # Without found_inf every state buffer is written in place by the op that computes it; with
     # it, new values go to temporaries and a torch.where keeps the old ones on a skipped phase.
@@ -86,13 +122,7 @@ def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optiona
     x_old = stored.to(compute)
     grad = torch.stack(list(g.grads)).to(compute)
 
-    # NOTE: P is formed from the Cholesky factor of the *damped* Gram (never by inverting a raw
-    # Gram) and applied with bmm: for r ≤ 128 this is as accurate as cholesky_solve and several
-    # times faster than a batched triangular solve with d right-hand sides. Scalars (1/s², β1,
-    # 1−β1) are folded into the r×r matrices so that the d-sized tensors see as few passes as possible.
-    inverse = torch.cholesky_inverse(damped_cholesky(g.other_gram, hp.damping))  # P
-    carry = torch.bmm(inverse, g.other_cross)  # P · C_Y
-    precond = inverse * g.inv_scale_sq[:, None, None]  # P / s²
+    # β1 and 1−β1 are folded into the r×r matrices too (precond = P/s², carry = P·C_Y).
     momentum_out = g.momentum if direct else None
     new_step = g.step + 1.0
     if hp.adaptive:
@@ -103,16 +133,20 @@ def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optiona
             new_variance = g.variance.mul_(hp.beta2).addcmul_(scaled_grad, scaled_grad, value=1.0 - hp.beta2)
         else:
             new_variance = torch.addcmul(g.variance * hp.beta2, scaled_grad, scaled_grad, value=1.0 - hp.beta2)
+        # (M/b1) / (sqrt(V/b2) + ε) = (M·sqrt(b2)/b1) / (sqrt(V) + ε·sqrt(b2)), b = 1 − βⁿ per
+        # layer: the bias corrections become (L, 1, 1) factors, and the d-sized work two passes
+        # and one addcdiv instead of five.
+        root_bias2 = (1.0 - torch.pow(hp.beta2, new_step)).sqrt_()[:, None, None]
         bias1 = (1.0 - torch.pow(hp.beta1, new_step))[:, None, None]
-        bias2 = (1.0 - torch.pow(hp.beta2, new_step))[:, None, None]
-        update = (new_variance / bias2).sqrt_().add_(hp.eps)
-        update = torch.div(new_momentum, update).div_(bias1)
+        denominator = new_variance.sqrt().add_(hp.eps * root_bias2)
+        numerator = new_momentum * (root_bias2 / bias1)
+        x_new = x_old * (1.0 - hp.lr * hp.weight_decay) if hp.weight_decay else x_old.clone()
+        x_new = x_new.addcdiv_(numerator, denominator, value=-hp.lr)
     else:
         carried = _left(carry * hp.beta1, g.momentum, t)  # β1·M̃
         new_momentum = _left_add(carried, precond * (1.0 - hp.beta1), grad, t, out=momentum_out)
-        update = new_momentum
-    x_new = x_old * (1.0 - hp.lr * hp.weight_decay) if hp.weight_decay else x_old
-    x_new = torch.sub(x_new, update, alpha=hp.lr)
+        x_new = x_old * (1.0 - hp.lr * hp.weight_decay) if hp.weight_decay else x_old
+        x_new = torch.sub(x_new, new_momentum, alpha=hp.lr)
 
     new_stored = x_new.to(stored.dtype)
     reference = x_old if g.snapshot is None else g.snapshot.to(compute)

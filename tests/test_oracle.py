@@ -34,6 +34,17 @@ def test_matches_float64_oracle(backend, phase_calls, variant, schedule, order, 
     assert _total_loss(prob, pairs) < 0.6 * before  # and it optimizes
 
 
+# Several pair groups of one rank (different shapes): the torch backend batches their r×r work
+# (the damped Cholesky, P and P·C_Y) across the groups of a phase and splits it back.
+MIXED_SHAPES_ONE_RANK = [(3, 7, 5, 6.0), (3, 9, 11, 2.0), (3, 7, 13, 4.0), (2, 5, 6, 3.0), (3, 9, 11, 8.0)]
+
+
+@pytest.mark.parametrize("variant,schedule", [("AltLoRA", "alternate"), ("AltLoRAPlus", "sequential")])
+def test_groups_of_one_rank_match_oracle(backend, phase_calls, variant, schedule):
+    run_against_oracle(variant, schedule, "BA", 1, steps=12, layers=MIXED_SHAPES_ONE_RANK, backend=backend)
+    assert len(phase_calls) >= 12
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant,schedule", [("AltLoRA", "alternate"), ("AltLoRAPlus", "alternate"),
                                               ("AltLoRA", "sequential")])
