@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 SOURCES = ("phase_update.cpp",)
-HEADERS = ("damped_cholesky.h", "nonfinite.h")
+HEADERS = ("damped_cholesky.h", "nonfinite.h", "stage_clock.h")
 
 
 def _source_dir() -> Path:

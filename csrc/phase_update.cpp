@@ -48,6 +48,7 @@
 
 #include "damped_cholesky.h"
 #include "nonfinite.h"
+#include "stage_clock.h"
 
 namespace altlora_native {
 namespace {
@@ -323,11 +324,14 @@ void update_chunk(Group& g, int64_t l, int64_t chunk, const HyperParams& hp, Til
   for (int64_t j0 = c0; j0 < c1; j0 += ld) {
     const int64_t w = std::min(ld, c1 - j0);
     const int64_t padded = (w + kLanes - 1) / kLanes * kLanes;  // ≤ ld; columns beyond w are scratch
+    StageClock clock;
     load_tile(X_read, r, j0, w, tile.x_old, ld);
     load_tile(dX, r, j0, w, tile.grad, ld);
     load_tile(RowForm<const float>{M.data, M.row_stride, M.col_stride}, r, j0, w, tile.m_old, ld);
+    clock.lap(Stage::Load);
 
     small_matmul(S, tile.grad, tile.scaled_grad, r, padded, ld);  // g̃ = S·∇X
+    clock.lap(Stage::ScaledGrad);
     small_matmul(K, tile.m_old, tile.m_new, r, padded, ld);       // K·M
     for (int64_t i = 0; i < r * ld; i += ld) {
       float* m = tile.m_new + i;
@@ -335,6 +339,7 @@ void update_chunk(Group& g, int64_t l, int64_t chunk, const HyperParams& hp, Til
 #pragma omp simd
       for (int64_t t = 0; t < w; ++t) m[t] += one_minus_beta1 * sg[t];
     }
+    clock.lap(Stage::Carry);
 
     if (adaptive) {
       const auto V = row_form<float>(g.variance, l, tr);
@@ -371,10 +376,12 @@ void update_chunk(Group& g, int64_t l, int64_t chunk, const HyperParams& hp, Til
       ref = tile.reference;
     }
     // fp32 sums over one tile (≤ kTileElements / r columns), accumulated across tiles in double.
+    clock.lap(Stage::Update);
     zero_tail(tile.x_new, r, w, padded, ld);
     zero_tail(has_snapshot ? tile.reference : tile.x_old, r, w, padded, ld);
     accumulate_row_products(tile.x_new, tile.x_new, r, padded, ld, /*lower=*/true, gram_sum);
     accumulate_row_products(tile.x_new, ref, r, padded, ld, /*lower=*/false, cross_sum);
+    clock.lap(Stage::Gram);
   }
 }
 
@@ -444,6 +451,7 @@ void update_columns(Group& g, int64_t l, int64_t chunk, const HyperParams& hp) {
     std::fill(cross_acc, cross_acc + R * R, 0.0f);
     for (int64_t k0 = b0; k0 < b1; k0 += kColumnBlock) {
       const int64_t k1 = std::min(b1, k0 + kColumnBlock);
+      StageClock clock;
       for (int64_t c = k0; c < k1; ++c) {
         float* xn = new_values + (c - k0) * R;
         float* x = references + (c - k0) * R;
@@ -500,6 +508,7 @@ void update_columns(Group& g, int64_t l, int64_t chunk, const HyperParams& hp) {
           for (int64_t i = 0; i < R; ++i) x[i] = static_cast<float>(sc[i]);
         }
       }
+      clock.lap(Stage::ColumnUpdate);
       for (int64_t c = 0; c < k1 - k0; ++c) {
         const float* xn = new_values + c * R;
         const float* ref = references + c * R;
@@ -512,6 +521,7 @@ void update_columns(Group& g, int64_t l, int64_t chunk, const HyperParams& hp) {
           }
         }
       }
+      clock.lap(Stage::Gram);
     }
     for (int64_t e = 0; e < R * R; ++e) {
       gram_sum[e] += gram_acc[e];
@@ -750,21 +760,29 @@ void phase_update(
   if (whole_layers) {
     run_balanced(layers, [&](const WorkItem& item, Scratch& scratch) {
       Group& g = *item.group;
+      StageClock clock;
       prepare_layer(g, item.layer, hp, policy, scratch.work);
+      clock.lap(Stage::Prepare);
       for (int64_t c = 0; c < g.chunks; ++c) update_chunk_dispatch(g, item.layer, c, hp, scratch.tile(tile_elements));
+      StageClock finish;
       finish_layer(g, item.layer, scratch.work);
+      finish.lap(Stage::Finish);
     });
   } else {
     std::vector<WorkItem> small_work = layers;
     for (WorkItem& item : small_work) item.cost = item.group->rank * item.group->rank * item.group->rank;
     run_balanced(small_work, [&](const WorkItem& item, Scratch& scratch) {
+      StageClock clock;
       prepare_layer(*item.group, item.layer, hp, policy, scratch.work);
+      clock.lap(Stage::Prepare);
     });
     run_balanced(chunks, [&](const WorkItem& item, Scratch& scratch) {
       update_chunk_dispatch(*item.group, item.layer, item.chunk, hp, scratch.tile(tile_elements));
     });
     run_balanced(small_work, [&](const WorkItem& item, Scratch& scratch) {
+      StageClock clock;
       finish_layer(*item.group, item.layer, scratch.work);
+      clock.lap(Stage::Finish);
     });
   }
 
@@ -815,6 +833,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("nonfinite_flag", &altlora_native::nonfinite_flag,
         "found_inf <- 1 if any element of the tensors is NaN or Inf, else 0, and True; False (nothing done) unless all are contiguous CPU float tensors. Reads only.",
         py::arg("tensors"), py::arg("found_inf"), py::call_guard<py::gil_scoped_release>());
+  m.def("stage_seconds", []() {
+        // Thread-seconds per stage since the last call, then reset (stage_clock.h); empty unless
+        // the library was built with -DALTLORA_PROFILE.
+        py::dict out;
+#ifdef ALTLORA_PROFILE
+        for (size_t i = 0; i < altlora_native::kStageNames.size(); ++i)
+          out[altlora_native::kStageNames[i]] = altlora_native::stage_totals()[i].exchange(0) * 1e-9;
+#endif
+        return out;
+      }, "thread-seconds per stage since the last call (profiling builds only; see csrc/stage_clock.h)");
   m.def("damped_cholesky", &altlora_native::damped_cholesky_batch,
         "(lower factors, rungs) of a batch of Grams under the damping ladder", py::arg("gram"), py::arg("damping"),
         py::arg("pivot_floor"), py::arg("escalation"), py::arg("absolute_floor"),
