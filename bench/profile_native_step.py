@@ -45,6 +45,7 @@ CASES = {
     "mixed MiniLM 6 blocks": MINILM_BLOCK * 6,
     "Llama-like h1024 16×qkvo": LLAMA_LIKE_1024_BLOCK * 16,
 }
+QUICK_CASES = {"16 × 96×96": [(96, 96)] * 16, "mixed 2 blocks/4": [(96, 96)] * 4 + [(96, 384), (384, 96)]}
 RANK = 8
 STAGES = ("prepare", "load", "scaled_grad", "carry", "update", "column_update", "gram", "finish")
 COLUMNS = ("case", "variant", "phase", "step_us", "python_us", "nonfinite_us", "extension_us") + tuple(
@@ -125,11 +126,11 @@ def _run(module, shapes, variant: str, steps: int) -> Dict[str, Dict[str, List]]
         native._LIBRARY.module = saved
 
 
-def run(steps: int) -> List[Dict]:
+def run(steps: int, quick: bool = False) -> List[Dict]:
     production = native.load_extension(build=True)
     instrumented = profiling_library()
     rows = []
-    for case, shapes in CASES.items():
+    for case, shapes in (QUICK_CASES if quick else CASES).items():
         for variant in ("AltLoRA", "AltLoRAPlus"):
             plain = _run(production, shapes, variant, steps)
             split = _run(instrumented, shapes, variant, steps)
@@ -167,12 +168,13 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", type=int, default=400, help="steps of each phase timed per case and variant")
     parser.add_argument("--output", default=None, help="also write the table as markdown to this file")
+    parser.add_argument("--quick", action="store_true", help="tiny cases (a check that the script runs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     env = environment("cpu")
     env["threads"] = str(args.threads)
     env["load_avg"] = f"{os.getloadavg()[0]:.2f}"
-    rows = run(args.steps)
+    rows = run(args.steps, args.quick)
     print_table(rows, COLUMNS, title=DESCRIPTION)
     if args.output:
         command = "python bench/profile_native_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
