@@ -63,17 +63,19 @@ MAX_RANK = 128
 
 # Columns per update tile, by padded rank. An fp32 (IEEE) tl.dot runs on CUDA cores and holds
 # its operands' K extent in registers: the Gram products X·Xᵀ have K = BLOCK_N, so it stays small.
-# Chosen from sm_90 builds (register use, no or little spilling); not yet timed on a GPU.
-BLOCK_N_BY_PADDED_RANK = {16: 32, 32: 32, 64: 32, 128: 16}
+# Chosen from sm_80/86/90 builds by register spills (ptxas -v; docs/kernels.md); not yet timed on
+# a GPU. R = 64 takes 16 columns: with 32 the plain AltLoRA update spilled up to 1.5 KB.
+BLOCK_N_BY_PADDED_RANK = {16: 32, 32: 32, 64: 16, 128: 16}
 
 # Warps per program, by padded rank, for the per-layer kernels (factor, reduce: a few R×R fp32
 # tiles) and the update (R×BLOCK_N tiles and two R×R accumulators); same provenance. Register
-# spills (ptxas -v, sm_80/86/90, docs/kernels.md): none at R ≤ 32 (the factor kernel at R = 16
-# takes 2 warps: 4 spilled 16 bytes on sm_80/86); at R = 64 the update spills ≤ 84 bytes on
-# sm_86/90; at R = 128 every kernel spills at every warp count tried (8–32): its R×R fp32 tiles
-# (64 KB each) outgrow the register file, and 16 warps is the measured middle ground.
+# spills (ptxas -v, sm_80/86/90, docs/kernels.md): none at R ≤ 64 (the factor kernel at R = 16
+# takes 2 warps: 4 spilled 16 bytes on sm_80/86); at R = 128 every kernel spills at every warp
+# count tried (8–32): its R×R fp32 tiles (64 KB each) outgrow the register file. The update takes
+# 32 warps there (a whole SM's registers either way, as 16 warps of 128 registers): its largest
+# spill fell from 11.9 KB (16 warps) to ~2.4 KB.
 FACTOR_WARPS = {16: 2, 32: 4, 64: 8, 128: 16}
-UPDATE_WARPS = {16: 8, 32: 8, 64: 8, 128: 16}
+UPDATE_WARPS = {16: 8, 32: 8, 64: 8, 128: 32}
 
 # A chunk (one update program) spans at least this many columns per padded rank row. Its two R×R
 # Gram partials (written once, read once: 16·R² bytes) then cost ≤ 16·R²/(20·r·16·R) ≈ 5% of the

@@ -22,7 +22,7 @@
 #   optimizer      the optimizer step at Llama-3-8B adapter shapes (32 × q,k,v,o; r 8 and 64)
 #   linear         the fused LoRA linear at 8192 tokens × 4096², bf16
 #   e2e            a training step of 2 Llama-shaped blocks built from altlora.LoRALinear
-#   e2e-hf         bench/end_to_end.py --quick, if transformers and peft are installed
+#   e2e-hf         bench/end_to_end.py's comparison at one 8B-wide layer, if transformers and peft are installed
 # Copy OUTDIR's summary.md, *.json, sweep.jsonl and logs into bench/results/gpu-quick/ and commit them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -72,7 +72,7 @@ fi
 # ------------------------------------------------------------------------------------ --quick
 # Time boxes in seconds, and the Python parts' flags. tests and sweep run side by side (both
 # mostly build Triton kernels on the CPU; neither is timed); the rest one after the other. The
-# longest path: 25 + 170 + 50 + 45 + 40 + 35 + 30 = 395 s, under 8 minutes with the start-ups.
+# longest path: 25 + 160 + 50 + 45 + 40 + 35 + 45 = 400 s, under 8 minutes with the start-ups.
 # A dry run gets looser boxes: a shared CPU is slower than a lent GPU.
 if [ "$DRY" = 1 ]; then
     export TRITON_INTERPRET=1
@@ -81,7 +81,7 @@ if [ "$DRY" = 1 ]; then
 else
     unset TRITON_INTERPRET  # nothing here may run Triton's interpreter (numpy >= 2.4 breaks Triton 3.6's)
     PART_FLAGS=()
-    declare -A BOX=([env]=25 [tests]=170 [sweep]=170 [memcheck]=50 [optimizer]=45 [linear]=40 [e2e]=35 [e2e-hf]=30)
+    declare -A BOX=([env]=25 [tests]=160 [sweep]=160 [memcheck]=50 [optimizer]=45 [linear]=40 [e2e]=35 [e2e-hf]=45)
     # One Triton cache for every part, outside OUTDIR (whose files are copied back): later parts
     # reuse the kernels the earlier ones built.
     export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/altlora-triton-cache}

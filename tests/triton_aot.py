@@ -31,10 +31,11 @@ SPILL_BOUNDS = {
     # The phase update at R = 128: R×R fp32 tiles (64 KB each) outgrow the register file at every
     # warp count (docs/kernels.md); the update holds its chunk's Gram and cross-Gram accumulators,
     # the factor kernel the Schur complement and L⁻¹ with the rank-1 update's temporaries.
-    ("_update_kernel", 64): 256,  # 84
-    ("_update_kernel", 128): 1536,  # 732
+    ("_update_kernel", 16): 64,  # 16 (fp32 AltLoRA+ A phase, sm_80/86)
+    ("_update_kernel", 64): 64,  # 20 (bf16/fp16 plain AltLoRA, sm_90)
+    ("_update_kernel", 128): 6144,  # 4800
     ("_factor_kernel", 128): 12288,  # 8192
-    ("_reduce_kernel", 128): 512,  # 332
+    ("_reduce_kernel", 128): 768,  # 464
     # The fused linear: bf16/fp16's 128×128 GEMM tile in its low-rank epilogue, and a few words
     # here and there (fp32 ≤ 28 bytes).
     ("_project_kernel", 16): 64,  # 20
