@@ -5,7 +5,9 @@ proportions at hidden 1024; r = 8, fp32, ``schedule="alternate"``, ``nonfinite="
 phase (B steps and A steps alternate), one ``optimizer.step()`` is split into
 
 * ``python``     everything the step does outside the two native calls (bookkeeping, dispatch;
-  the median of step − extension − nonfinite over the steps);
+  the median of step − extension − nonfinite over the steps); measured again alone, with both
+  calls doing nothing, once with warm caches and once after a 16 MB pass in place of the phase
+  (rows ``python alone``: ``python_us`` warm, ``python_cold_us`` cold);
 * ``nonfinite``  the read-only NaN/Inf check over every gradient (``csrc/nonfinite.h``);
 * ``extension``  the phase update call, itself split by a second copy of the library built with
   ``-DALTLORA_PROFILE`` (``csrc/stage_clock.h``) into ``prepare`` (damped Cholesky, P, S, K),
@@ -49,7 +51,8 @@ QUICK_CASES = {"16 × 96×96": [(96, 96)] * 16, "mixed 2 blocks/4": [(96, 96)] *
 RANK = 8
 STAGES = ("prepare", "load", "scaled_grad", "carry", "update", "column_update", "gram", "finish")
 COLUMNS = ("case", "variant", "phase", "step_us", "python_us", "nonfinite_us", "extension_us") + tuple(
-    f"{s}_us" for s in STAGES) + ("instrumented/production",)
+    f"{s}_us" for s in STAGES) + ("instrumented/production", "python_cold_us")
+PHASE_COLUMNS = COLUMNS[:-1]  # the markdown's per-phase table; "python alone" rows get their own
 
 
 def profiling_library():
@@ -126,6 +129,57 @@ def _run(module, shapes, variant: str, steps: int) -> Dict[str, Dict[str, List]]
         native._LIBRARY.module = saved
 
 
+class NoOpLibrary:
+    """Stands in for the library with calls that do no work (``flush``: a 16 MB pass instead of
+    the phase, so that the caches are as cold afterwards as after a real phase)."""
+
+    def __init__(self, module, flush: bool):
+        self.module = module
+        self.buffer = torch.zeros(4 << 20) if flush else None
+
+    def __getattr__(self, name):
+        return getattr(self.module, name)
+
+    def phase_update(self, **kw):
+        if self.buffer is not None:
+            self.buffer.add_(1.0)
+
+    def nonfinite_flag(self, tensors, found):
+        found.zero_()
+        return True
+
+
+def python_side(module, shapes, variant: str, steps: int) -> Dict[str, float]:
+    """Median µs of the step's Python side alone: both native calls do nothing (``warm``), or
+    the phase is a 16 MB pass whose own time is subtracted (``cold``)."""
+    out = {}
+    for label, flush in (("warm", False), ("cold", True)):
+        stand_in = NoOpLibrary(module, flush)
+        flush_s = 0.0
+        if flush:
+            times = []
+            for _ in range(50):
+                start = time.perf_counter()
+                stand_in.phase_update()
+                times.append(time.perf_counter() - start)
+            flush_s = statistics.median(times)
+        saved = native._LIBRARY.module
+        native._LIBRARY.module = stand_in
+        try:
+            opt = getattr(altlora, variant)(make_pairs(shapes, RANK, "cpu"), lr=1e-6, weight_decay=0.01, damping=1e-6,
+                                            backend="native", nonfinite="skip")
+            times = []
+            for i in range(20 + 2 * steps):
+                start = time.perf_counter()
+                opt.step()
+                if i >= 20:
+                    times.append(time.perf_counter() - start)
+        finally:
+            native._LIBRARY.module = saved
+        out[label] = (statistics.median(times) - flush_s) * 1e6
+    return out
+
+
 def run(steps: int, quick: bool = False) -> List[Dict]:
     production = native.load_extension(build=True)
     instrumented = profiling_library()
@@ -148,6 +202,9 @@ def run(steps: int, quick: bool = False) -> List[Dict]:
                     row[f"{s}_us"] = extension * totals[s] / clocked * 1e6
                 row["instrumented/production"] = statistics.median(split[phase]["extension"]) / extension
                 rows.append(row)
+            side = python_side(production, shapes, variant, steps)
+            rows.append({"case": case, "variant": variant, "phase": "python alone",
+                         "python_us": side["warm"], "python_cold_us": side["cold"]})
     return rows
 
 
@@ -155,11 +212,20 @@ def markdown(rows: List[Dict], env: Dict[str, str], command: str) -> str:
     lines = [f"# {DESCRIPTION}", "", f"- command: `{command}`"] + [f"- {k}: {v}" for k, v in env.items()] + [
         "", "Median µs per step of each phase (alternate schedule: B and A steps alternate); the stages split the",
         "extension's wall time by the profiling build's thread-seconds. See bench/profile_native_step.py.", "",
-        "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        "| " + " | ".join(PHASE_COLUMNS) + " |", "|" + "---|" * len(PHASE_COLUMNS)]
     for row in rows:
+        if row["phase"] == "python alone":
+            continue
         cells = [f"{row[c]:.0f}" if c.endswith("_us") else f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c])
-                 for c in COLUMNS]
+                 for c in PHASE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "The step's Python side alone, median µs: both native calls replaced by calls that do nothing",
+              "(`warm`), or the phase by a 16 MB pass whose own time is subtracted (`cold`: the caches as a real",
+              "phase, or a forward and backward, leave them).", "",
+              "| case | variant | warm | cold |", "|---|---|---|---|"]
+    for row in rows:
+        if row["phase"] == "python alone":
+            lines.append(f"| {row['case']} | {row['variant']} | {row['python_us']:.0f} | {row['python_cold_us']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

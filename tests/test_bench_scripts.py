@@ -21,9 +21,18 @@ def test_profile_script_splits_a_step_into_stages_that_add_up(tmp_path):
     result = subprocess.run([sys.executable, "bench/profile_native_step.py", "--quick", "--steps", "10", "--threads", "1",
                              "--output", str(out)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
+    tables, current = [], []
+    for line in out.read_text().splitlines() + [""]:
+        if line.startswith("| ") and "---" not in line:
+            current.append([c.strip() for c in line.strip("|").split("|")])
+        elif not line.strip() and current:
+            tables.append(current)
+            current = []
+    (header, *cells), (side_header, *side_cells) = tables
+    rows = [dict(zip(header, line)) for line in cells]
+    # The Python side alone, warm and cold, per case and variant.
+    assert side_header == ["case", "variant", "warm", "cold"] and len(side_cells) == 4
+    assert all(float(warm) > 0 and float(cold) > 0 for *_, warm, cold in side_cells)
     assert {(r["variant"], r["phase"]) for r in rows} == {(v, p) for v in ("AltLoRA", "AltLoRAPlus") for p in ("A", "B")}
     stages = ("prepare", "load", "scaled_grad", "carry", "update", "column_update", "gram", "finish")
     for row in rows:
