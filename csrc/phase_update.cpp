@@ -119,6 +119,11 @@ struct Group {
 
   float* coefficient_matrices(int64_t l) { return coefficients.data() + l * 2 * rank * rank; }
   double* partial_sums(int64_t l, int64_t chunk) { return partials.data() + (l * chunks + chunk) * 2 * rank * rank; }
+  double* zeroed_partial_sums(int64_t l, int64_t chunk) {
+    double* sums = partial_sums(l, chunk);
+    std::fill(sums, sums + 2 * rank * rank, 0.0);
+    return sums;
+  }
 };
 
 // ------------------------------------------------------------------ input checks
@@ -292,6 +297,24 @@ inline void zero_tail(float* tile, int64_t r, int64_t width, int64_t padded, int
   for (int64_t i = 0; i < r; ++i) std::fill(tile + i * ld + width, tile + i * ld + padded, 0.0f);
 }
 
+// The fp32 scalars of layer l's element-wise update, shared by both forms of the sweep.
+struct UpdateScalars {
+  float lr, wd, one_minus_beta1, beta2, one_minus_beta2, eps;
+  float inv_bias1 = 1.0f, inv_bias2 = 1.0f;  // AltLoRA+ bias corrections 1/(1−βⁿ), n the new count
+};
+
+UpdateScalars update_scalars(const Group& g, int64_t l, const HyperParams& hp) {
+  UpdateScalars u{static_cast<float>(hp.lr),         static_cast<float>(hp.weight_decay),
+                  static_cast<float>(1.0 - hp.beta1), static_cast<float>(hp.beta2),
+                  static_cast<float>(1.0 - hp.beta2), static_cast<float>(hp.eps)};
+  if (hp.adaptive) {
+    const double n = static_cast<double>(element<float>(g.step, l)) + 1.0;
+    u.inv_bias1 = static_cast<float>(1.0 / (1.0 - std::pow(hp.beta1, n)));
+    u.inv_bias2 = static_cast<float>(1.0 / (1.0 - std::pow(hp.beta2, n)));
+  }
+  return u;
+}
+
 template <typename scalar_t>
 void update_chunk(Group& g, int64_t l, int64_t chunk, const HyperParams& hp, Tile& tile) {
   const int64_t r = g.rank, ld = g.tile_cols;
@@ -305,20 +328,12 @@ void update_chunk(Group& g, int64_t l, int64_t chunk, const HyperParams& hp, Til
   const bool adaptive = hp.adaptive;
   const bool has_snapshot = g.snapshot.defined();
 
-  const float lr = static_cast<float>(hp.lr), wd = static_cast<float>(hp.weight_decay);
-  const float one_minus_beta1 = static_cast<float>(1.0 - hp.beta1);
-  const float beta2 = static_cast<float>(hp.beta2), one_minus_beta2 = static_cast<float>(1.0 - hp.beta2);
-  const float eps = static_cast<float>(hp.eps);
-  float inv_bias1 = 1.0f, inv_bias2 = 1.0f;  // AltLoRA+ bias corrections 1/(1−βⁿ)
-  if (adaptive) {
-    const double n = static_cast<double>(element<float>(g.step, l)) + 1.0;
-    inv_bias1 = static_cast<float>(1.0 / (1.0 - std::pow(hp.beta1, n)));
-    inv_bias2 = static_cast<float>(1.0 / (1.0 - std::pow(hp.beta2, n)));
-  }
+  const UpdateScalars u = update_scalars(g, l, hp);
+  const float lr = u.lr, wd = u.wd, one_minus_beta1 = u.one_minus_beta1, eps = u.eps;
+  const float beta2 = u.beta2, one_minus_beta2 = u.one_minus_beta2, inv_bias1 = u.inv_bias1, inv_bias2 = u.inv_bias2;
 
-  double* gram_sum = g.partial_sums(l, chunk);
+  double* gram_sum = g.zeroed_partial_sums(l, chunk);
   double* cross_sum = gram_sum + r * r;
-  std::fill(gram_sum, gram_sum + 2 * r * r, 0.0);
 
   const int64_t c0 = chunk * g.chunk_cols, c1 = std::min(g.cols, c0 + g.chunk_cols);
   for (int64_t j0 = c0; j0 < c1; j0 += ld) {
@@ -424,20 +439,12 @@ void update_columns(Group& g, int64_t l, int64_t chunk, const HyperParams& hp) {
   const scalar_t* snap = has_snapshot ? static_cast<const scalar_t*>(g.snapshot.data_ptr()) + l * g.snapshot.stride(0) : nullptr;
   const int64_t s_stride = has_snapshot ? g.snapshot.stride(1) : 0;
 
-  const float lr = static_cast<float>(hp.lr), wd = static_cast<float>(hp.weight_decay);
-  const float one_minus_beta1 = static_cast<float>(1.0 - hp.beta1);
-  const float beta2 = static_cast<float>(hp.beta2), one_minus_beta2 = static_cast<float>(1.0 - hp.beta2);
-  const float eps = static_cast<float>(hp.eps);
-  float inv_bias1 = 1.0f, inv_bias2 = 1.0f;
-  if (hp.adaptive) {
-    const double n = static_cast<double>(element<float>(g.step, l)) + 1.0;
-    inv_bias1 = static_cast<float>(1.0 / (1.0 - std::pow(hp.beta1, n)));
-    inv_bias2 = static_cast<float>(1.0 / (1.0 - std::pow(hp.beta2, n)));
-  }
+  const UpdateScalars u = update_scalars(g, l, hp);
+  const float lr = u.lr, wd = u.wd, one_minus_beta1 = u.one_minus_beta1, eps = u.eps;
+  const float beta2 = u.beta2, one_minus_beta2 = u.one_minus_beta2, inv_bias1 = u.inv_bias1, inv_bias2 = u.inv_bias2;
 
-  double* gram_sum = g.partial_sums(l, chunk);
+  double* gram_sum = g.zeroed_partial_sums(l, chunk);
   double* cross_sum = gram_sum + R * R;
-  std::fill(gram_sum, gram_sum + 2 * R * R, 0.0);
   alignas(64) float gram_acc[R * R], cross_acc[R * R];
 
   const int64_t c0 = chunk * g.chunk_cols, c1 = std::min(g.cols, c0 + g.chunk_cols);
