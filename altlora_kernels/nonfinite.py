@@ -7,9 +7,21 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import native_phase_update
-
 __all__ = ["nonfinite_flag"]
+
+_NATIVE = None
+
+
+def _native():
+    """``native_phase_update``, imported on first use: importing it with the package would make
+    ``python -m altlora_kernels.native_phase_update`` (the build command) warn that the module it
+    runs was already imported."""
+    global _NATIVE
+    if _NATIVE is None:
+        from . import native_phase_update
+
+        _NATIVE = native_phase_update
+    return _NATIVE
 
 
 def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -28,7 +40,7 @@ def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
         return None
     if tensors[0].device.type == "cpu":
         # The native library's read-only check when it is built and applies (CPU, contiguous).
-        found = native_phase_update.nonfinite_flag(tensors)
+        found = _native().nonfinite_flag(tensors)
         if found is not None:
             return found
     first = tensors[0].device

@@ -53,12 +53,16 @@
 namespace altlora_native {
 namespace {
 
-// Elements (rank × tile columns) of one fp32 tile array: 4 KiB, so that the eight arrays of a
-// tile stay in L1/L2 while the r×r products sweep them r times.
+// Elements (rank × tile columns) of one fp32 tile array: 4 KiB (more at ranks above 16, see
+// kMinTileCols), so that the eight arrays of a tile stay in L1/L2 while the r×r products sweep
+// them r times.
 constexpr int64_t kTileElements = 1024;
 // Columns one register block of the tile products covers (two AVX2 vectors); tile widths are
 // multiples of it, and a partial last tile is zero-padded up to it.
 constexpr int64_t kLanes = 16;
+// Fewest columns of a tile: at large ranks kTileElements / r would leave the Gram's dot products
+// one or two vectors long per tile.
+constexpr int64_t kMinTileCols = 64;
 // Rows one register block covers: kRowBlock × kLanes fp32 accumulators (8 AVX2 registers) hide
 // the FMA latency and reuse every loaded vector kRowBlock times.
 constexpr int64_t kRowBlock = 4;
@@ -191,8 +195,11 @@ void prepare_layer(Group& g, int64_t l, const HyperParams& hp, const DampingPoli
 // ------------------------------------------------------------------ step 2: the column sweep
 
 // Row-major r × width tiles with leading dimension `ld`, all fp32.
+// Also the per-lane double sums of the Gram and cross-Gram of the chunk in progress (zero
+// between chunks).
 struct Tile {
-  explicit Tile(int64_t elements) : storage(8 * elements) {
+  Tile(int64_t elements, int64_t max_rank)
+      : storage(8 * elements), gram_lanes(max_rank * max_rank * kLanes, 0.0), cross_lanes(gram_lanes.size(), 0.0) {
     float* p = storage.data();
     for (float** a : {&x_old, &grad, &m_old, &m_new, &scaled_grad, &variance, &x_new, &reference}) {
       *a = p;
@@ -201,6 +208,7 @@ struct Tile {
   }
   std::vector<float> storage;
   float *x_old, *grad, *m_old, *m_new, *scaled_grad, *variance, *x_new, *reference;
+  std::vector<double> gram_lanes, cross_lanes;
 };
 
 template <typename src_t>
@@ -265,10 +273,13 @@ inline void small_matmul(const float* A, const float* in, float* out, int64_t r,
   }
 }
 
-// sums[i*r + j] += Σ_t a[i, t]·b[j, t] over `padded` columns (zero beyond the tile's width), for
-// every j, or j ≤ i only when `lower`. Each a-row meets a block of kRowBlock b-rows at a time.
+// lanes[(i*r + j)*kLanes + l] += Σ_t a[i, t0 + l]·b[j, t0 + l] over the column blocks t0 of
+// `padded` columns (zero beyond the tile's width), for every j, or j ≤ i only when `lower`. Each
+// a-row meets a block of kRowBlock b-rows at a time; the fp32 sums of one tile go to per-lane
+// double accumulators, reduced across lanes once per chunk (reduce_lanes): a horizontal sum per
+// (i, j) and tile cost more than the products themselves (measured: a third of an A phase).
 inline void accumulate_row_products(const float* a, const float* b, int64_t r, int64_t padded, int64_t ld, bool lower,
-                                    double* sums) {
+                                    double* lanes) {
   for (int64_t i = 0; i < r; ++i) {
     const float* ai = a + i * ld;
     const int64_t j_end = lower ? i + 1 : r;
@@ -283,12 +294,22 @@ inline void accumulate_row_products(const float* a, const float* b, int64_t r, i
         }
       }
       for (int64_t jj = 0; jj < kRowBlock && j0 + jj < j_end; ++jj) {
-        float total = 0.0f;
-        for (int64_t l = 0; l < kLanes; ++l) total += acc[jj][l];
-        sums[i * r + j0 + jj] += total;
+        double* lane = lanes + (i * r + j0 + jj) * kLanes;
+#pragma omp simd
+        for (int64_t l = 0; l < kLanes; ++l) lane[l] += acc[jj][l];
       }
     }
   }
+}
+
+// sums[e] += Σ_l lanes[e*kLanes + l] for the r² entries, and the lanes back to zero.
+inline void reduce_lanes(double* lanes, int64_t r, double* sums) {
+  for (int64_t e = 0; e < r * r; ++e) {
+    double total = 0.0;
+    for (int64_t l = 0; l < kLanes; ++l) total += lanes[e * kLanes + l];
+    sums[e] += total;
+  }
+  std::fill(lanes, lanes + r * r * kLanes, 0.0);
 }
 
 // Zero columns [width, padded) of an r-row tile: the row products run over whole blocks.
@@ -390,14 +411,18 @@ void update_chunk(Group& g, int64_t l, int64_t chunk, const HyperParams& hp, Til
       load_tile(row_form<const scalar_t>(g.snapshot, l, tr), r, j0, w, tile.reference, ld);
       ref = tile.reference;
     }
-    // fp32 sums over one tile (≤ kTileElements / r columns), accumulated across tiles in double.
     clock.lap(Stage::Update);
+    // Per lane, fp32 sums over one tile (tile_cols / kLanes terms), then double across tiles.
     zero_tail(tile.x_new, r, w, padded, ld);
     zero_tail(has_snapshot ? tile.reference : tile.x_old, r, w, padded, ld);
-    accumulate_row_products(tile.x_new, tile.x_new, r, padded, ld, /*lower=*/true, gram_sum);
-    accumulate_row_products(tile.x_new, ref, r, padded, ld, /*lower=*/false, cross_sum);
+    accumulate_row_products(tile.x_new, tile.x_new, r, padded, ld, /*lower=*/true, tile.gram_lanes.data());
+    accumulate_row_products(tile.x_new, ref, r, padded, ld, /*lower=*/false, tile.cross_lanes.data());
     clock.lap(Stage::Gram);
   }
+  StageClock clock;
+  reduce_lanes(tile.gram_lanes.data(), r, gram_sum);
+  reduce_lanes(tile.cross_lanes.data(), r, cross_sum);
+  clock.lap(Stage::Gram);
 }
 
 // ------------------------------------------------------------------ step 2, column form
@@ -614,8 +639,8 @@ struct WorkItem {
 struct Scratch {
   std::vector<double> work;
   std::unique_ptr<Tile> tile_;
-  Tile& tile(int64_t elements) {
-    if (!tile_) tile_ = std::make_unique<Tile>(elements);
+  Tile& tile(int64_t elements, int64_t max_rank) {
+    if (!tile_) tile_ = std::make_unique<Tile>(elements, max_rank);
     return *tile_;
   }
 };
@@ -720,7 +745,7 @@ std::vector<Group> make_groups(
       check_tensor(g.snapshot, {group, "snapshot", -1}, stacked, g.dtype);
     }
 
-    g.tile_cols = std::max(kLanes, kTileElements / r / kLanes * kLanes);
+    g.tile_cols = std::max(kMinTileCols, kTileElements / r / kLanes * kLanes);
     const int64_t chunk_tiles = std::max<int64_t>(1, kChunkElements / (r * g.tile_cols));
     g.chunk_cols = chunk_tiles * g.tile_cols;
     g.chunks = (g.cols + g.chunk_cols - 1) / g.chunk_cols;
@@ -751,9 +776,10 @@ void phase_update(
   }
 
   std::vector<WorkItem> layers, chunks;
-  int64_t tile_elements = 0;
+  int64_t tile_elements = 0, max_rank = 0;
   for (Group& g : groups) {
     tile_elements = std::max(tile_elements, g.rank * g.tile_cols);
+    max_rank = std::max(max_rank, g.rank);
     for (int64_t l = 0; l < g.layers; ++l) {
       layers.push_back({&g, l, -1, g.rank * g.cols});
       const int64_t chunk_cost = g.rank * g.chunk_cols;
@@ -770,7 +796,7 @@ void phase_update(
       StageClock clock;
       prepare_layer(g, item.layer, hp, policy, scratch.work);
       clock.lap(Stage::Prepare);
-      for (int64_t c = 0; c < g.chunks; ++c) update_chunk_dispatch(g, item.layer, c, hp, scratch.tile(tile_elements));
+      for (int64_t c = 0; c < g.chunks; ++c) update_chunk_dispatch(g, item.layer, c, hp, scratch.tile(tile_elements, max_rank));
       StageClock finish;
       finish_layer(g, item.layer, scratch.work);
       finish.lap(Stage::Finish);
@@ -784,7 +810,7 @@ void phase_update(
       clock.lap(Stage::Prepare);
     });
     run_balanced(chunks, [&](const WorkItem& item, Scratch& scratch) {
-      update_chunk_dispatch(*item.group, item.layer, item.chunk, hp, scratch.tile(tile_elements));
+      update_chunk_dispatch(*item.group, item.layer, item.chunk, hp, scratch.tile(tile_elements, max_rank));
     });
     run_balanced(small_work, [&](const WorkItem& item, Scratch& scratch) {
       StageClock clock;
