@@ -13,7 +13,8 @@ Same LoRA parameters (fp32, gradients fixed and small) for every implementation 
 Cases: on CUDA, Llama-3-8B-shaped adapters (32 layers × q, k, v, o; q/o 4096→4096, k/v 4096→1024)
 at r ∈ {8, 32, 128}; on the CPU, at r = 8: 64 layers of 384×384 (MiniLM width, many small layers),
 a mixed MiniLM-shaped set (6 blocks × q, k, v, o 384→384, up 384→1536, down 1536→384), Llama
-proportions at hidden 1024 (16 blocks × q, k, v, o; q/o 1024→1024, k/v 1024→256) and a many-layer
+proportions at hidden 1024 (16 blocks × q, k, v, o; q/o 1024→1024, k/v 1024→256; also at r = 16
+and 64: an AltLoRA phase does O(r) work per element, AdamW O(1)) and a many-layer
 case: 224 layers at Llama-3-8B's own q, k, v, o shapes (56 blocks; 12 M adapter elements, about
 200 MB for AdamW's parameters, gradients and moments).
 
@@ -73,6 +74,8 @@ def cases(device: str, quick: bool) -> Dict[str, Tuple[List[Tuple[int, int]], in
         "64 × 384×384 r=8": ([(384, 384)] * 64, 8),
         "mixed MiniLM 6 blocks r=8": (MINILM_BLOCK * 6, 8),
         "Llama-like h1024 16×qkvo r=8": (LLAMA_LIKE_1024_BLOCK * 16, 8),
+        "Llama-like h1024 16×qkvo r=16": (LLAMA_LIKE_1024_BLOCK * 16, 16),
+        "Llama-like h1024 16×qkvo r=64": (LLAMA_LIKE_1024_BLOCK * 16, 64),
         "Llama-3-8B 56×qkvo r=8 (224 layers)": (LLAMA_3_8B_BLOCK * 56, 8),
     }
 
