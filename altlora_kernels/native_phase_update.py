@@ -99,9 +99,9 @@ def _compile_flags():
         # What torch itself dispatches to on this CPU; part of the cache key, never -march=native.
         cflags += ["-mavx2", "-mfma", "-mf16c"]
         if capability == "AVX512":
-            # The extensions torch requires before it dispatches to AVX-512. GCC would otherwise
-            # keep to 256-bit vectors; 512-bit ones made the tile form's loops ~15% faster
-            # (measured on a 2-core Xeon with AVX-512, where torch's own kernels use them too).
+            # The extensions torch requires before it dispatches to AVX-512 (so the CPU has
+            # them). GCC would otherwise keep to 256-bit vectors; the tile form's loops run 16
+            # columns at a time (kLanes), one 512-bit vector.
             cflags += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mprefer-vector-width=512"]
     return cflags, ldflags
 
@@ -332,8 +332,8 @@ def nonfinite_flag(tensors: Sequence[torch.Tensor]) -> Optional[torch.Tensor]:
     contiguous CPU tensor of a float dtype (``csrc/nonfinite.h`` decides, at no cost here).
 
     torch's multi-tensor check (``_amp_foreach_non_finite_check_and_unscale_``) also writes every
-    gradient back (times a scale of 1); this one only reads: measured on 2 cores over 72
-    MiniLM-shaped LoRA gradients, 108 µs for torch's and about a quarter of that for this one.
+    gradient back (times a scale of 1); this one only reads (``bench/profile_native_step.py``
+    times it within a step).
     """
     module = _LIBRARY.cached()
     if module is None:

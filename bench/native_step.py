@@ -4,7 +4,9 @@ Same LoRA parameters (fp32, gradients fixed and small), per case: one ``optimize
 AdamW(foreach) over every A and B; of AltLoRA / AltLoRA+ with ``schedule="alternate"`` (one phase
 per step, A and B alternating, so the median covers both) and ``"sequential"`` (both phases per
 step: the same parameters touched as AdamW's step); and the phase update alone
-(``altlora_kernels.phase_update`` on one B phase of every layer, no optimizer around it).
+(``altlora_kernels.phase_update`` on one B phase of every layer, no optimizer around it; for the
+native backend also with B as a strided view, which it runs in its tile form instead of the
+column form: the two forms side by side on the same values).
 Cases: 64 layers of 384×384, r = 8 (MiniLM width, many small layers), and a mixed set of
 MiniLM-shaped blocks (q, k, v, o 384→384, up 384→1536, down 1536→384; 6 blocks, 36 layers, r = 8), and
 Llama proportions at hidden 1024 (16 blocks × q, k, v, o; q/o 1024→1024, k/v 1024→256).
@@ -85,8 +87,11 @@ def _pairs(shapes: Sequence[Tuple[int, int]]) -> List[altlora.LoRAPair]:
     return pairs
 
 
-def _phase_groups(shapes: Sequence[Tuple[int, int]]) -> List[K.FactorGroup]:
-    """One B phase of every layer as FactorGroups (one per shape), state as the optimizer keeps it."""
+def _phase_groups(shapes: Sequence[Tuple[int, int]], strided: bool = False) -> List[K.FactorGroup]:
+    """One B phase of every layer as FactorGroups (one per shape), state as the optimizer keeps it.
+
+    ``strided``: B and its gradient as views with column stride 2 (the same values), which the
+    native backend runs in its tile form instead of the column form (csrc/README.md)."""
     gen = torch.Generator().manual_seed(1)
     by_shape: Dict[Tuple[int, int], int] = {}
     for shape in shapes:
@@ -95,9 +100,14 @@ def _phase_groups(shapes: Sequence[Tuple[int, int]]) -> List[K.FactorGroup]:
     for (d, k), L in by_shape.items():
         A = torch.randn(L, RANK, d, generator=gen) / math.sqrt(d)
         gram = A @ A.mT
+        params = torch.randn(L, k, RANK, generator=gen).mul_(0.01)
+        grads = torch.randn(L, k, RANK, generator=gen).mul_(1e-3)
+        if strided:
+            params = torch.zeros(L, k, 2 * RANK)[..., ::2].copy_(params)
+            grads = torch.zeros(L, k, 2 * RANK)[..., ::2].copy_(grads)
         groups.append(K.FactorGroup(
-            params=list(torch.randn(L, k, RANK, generator=gen).mul_(0.01).unbind(0)),
-            grads=list(torch.randn(L, k, RANK, generator=gen).mul_(1e-3).unbind(0)),
+            params=list(params.unbind(0)),
+            grads=list(grads.unbind(0)),
             transposed=True,
             momentum=torch.zeros(L, k, RANK),
             variance=None,
@@ -145,6 +155,8 @@ def run(device: str, quick: bool, repeats: int = None) -> List[Dict]:
         for backend in ("native", "torch"):
             groups = _phase_groups(shapes)
             fns[f"B phase only ({backend})"] = functools.partial(K.phase_update, backend, groups, hp)
+        fns["B phase only, strided B: tile form (native)"] = functools.partial(
+            K.phase_update, "native", _phase_groups(shapes, strided=True), hp)
         load = os.getloadavg()[0]
         timings = _interleaved(fns, repeats)
         base = timings["AdamW(foreach) step"]["median_ms"]

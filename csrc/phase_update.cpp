@@ -277,7 +277,8 @@ inline void small_matmul(const float* A, const float* in, float* out, int64_t r,
 // `padded` columns (zero beyond the tile's width), for every j, or j ≤ i only when `lower`. Each
 // a-row meets a block of kRowBlock b-rows at a time; the fp32 sums of one tile go to per-lane
 // double accumulators, reduced across lanes once per chunk (reduce_lanes): a horizontal sum per
-// (i, j) and tile cost more than the products themselves (measured: a third of an A phase).
+// (i, j) and tile costs more than the products themselves when a tile row is one or two vectors
+// long (large ranks); these sums are about a third of an A phase (bench/profile_native_step.py).
 inline void accumulate_row_products(const float* a, const float* b, int64_t r, int64_t padded, int64_t ld, bool lower,
                                     double* lanes) {
   for (int64_t i = 0; i < r; ++i) {
@@ -434,8 +435,8 @@ void update_chunk(Group& g, int64_t l, int64_t chunk, const HyperParams& hp, Til
 // each an R×R-by-R product vectorized over R (a compile-time rank: fixed trip counts the
 // compiler unrolls into registers). G and C are summed in fp32 over kFlushColumns columns, then
 // in double, like the tile sums of the row sweep. Why a second form: the tile form has to
-// transpose such a layout element by element; measured on one core (64 layers of B 384×8, fp32)
-// the B phase took 600 µs in the tile form and 220 µs in this one.
+// transpose such a layout element by element (bench/native_step.py times both on the same values:
+// about 3× apart on one core, csrc/README.md).
 constexpr int64_t kFlushColumns = 128;
 // Columns updated before their outer products are summed (see update_columns).
 constexpr int64_t kColumnBlock = 16;
