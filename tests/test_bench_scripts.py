@@ -37,7 +37,9 @@ def test_profile_script_splits_a_step_into_stages_that_add_up(tmp_path):
     stages = ("prepare", "load", "scaled_grad", "carry", "update", "column_update", "gram", "finish")
     for row in rows:
         split = sum(float(row[f"{s}_us"]) for s in stages)
-        assert abs(split - float(row["extension_us"])) <= 1 + 0.01 * float(row["extension_us"]), row
+        # Each cell is rounded to whole µs: the sum of 8 rounded stages and the rounded total may
+        # differ by up to 8 × 0.5 + 0.5.
+        assert abs(split - float(row["extension_us"])) <= 0.5 * len(stages) + 0.5 + 0.01 * float(row["extension_us"]), row
         # B (stored (k, r), r = 8) takes the column form, A the tile form.
         if row["phase"] == "B":
             assert float(row["column_update_us"]) > 0 and float(row["load_us"]) == 0, row
