@@ -96,21 +96,31 @@ PARTS_TSV="$OUTDIR/quick-parts.tsv"
 : > "$PARTS_TSV"
 START=$(date +%s)
 
-# run_part NAME COMMAND...: run under NAME's time box, log to quick-NAME.log, record the exit
-# status (124/137: timed out) and the seconds taken.
+# timed ROWS NAME COMMAND...: COMMAND under NAME's time box; appends the row "name, exit status
+# (124/137: timed out), seconds, time box" to the file ROWS.
+timed() {
+    local rows=$1 name=$2
+    shift 2
+    local limit=${BOX[$name]} t0 rc
+    t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@"
+    rc=$?
+    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$limit" >> "$rows"
+}
+
+say_if_timed_out() {  # say_if_timed_out ROW
+    case "$(cut -f2 <<<"$1")" in 124|137) echo "!! $(cut -f1 <<<"$1"): timed out after $(cut -f4 <<<"$1") s" ;; esac
+}
+
+# run_part NAME COMMAND...: run under NAME's time box, log to quick-NAME.log, record its row.
 run_part() {
     local name=$1
     shift
     selected "$name" || return 0
-    local limit=${BOX[$name]}
     echo
-    echo "== $name (time box ${limit} s, $(( $(date +%s) - START )) s so far) =="
-    local t0
-    t0=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUTDIR/quick-$name.log"
-    local rc=${PIPESTATUS[0]}
-    printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$limit" >> "$PARTS_TSV"
-    [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "!! $name: timed out after $limit s"
+    echo "== $name (time box ${BOX[$name]} s, $(( $(date +%s) - START )) s so far) =="
+    timed "$PARTS_TSV" "$name" "$@" 2>&1 | tee "$OUTDIR/quick-$name.log"
+    say_if_timed_out "$(tail -n 1 "$PARTS_TSV")"
     return 0
 }
 
@@ -125,15 +135,10 @@ start_part() {
     local name=$1
     shift
     selected "$name" || return 0
-    local limit=${BOX[$name]}
     echo
-    echo "== $name (time box ${limit} s, in the background: quick-$name.log) =="
-    (
-        t0=$(date +%s)
-        timeout --kill-after=10 "$limit" "$@" > "$OUTDIR/quick-$name.log" 2>&1
-        rc=$?
-        printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" "$limit" > "$OUTDIR/.quick-$name.row"
-    ) &
+    echo "== $name (time box ${BOX[$name]} s, in the background: quick-$name.log) =="
+    rm -f "$OUTDIR/.quick-$name.row"
+    timed "$OUTDIR/.quick-$name.row" "$name" "$@" > "$OUTDIR/quick-$name.log" 2>&1 &
     BG_PIDS[$name]=$!
 }
 finish_part() {
@@ -147,7 +152,7 @@ finish_part() {
     row=$(cat "$OUTDIR/.quick-$name.row")
     rm -f "$OUTDIR/.quick-$name.row"
     echo "$row" >> "$PARTS_TSV"
-    case "$(cut -f2 <<<"$row")" in 124|137) echo "!! $name: timed out after ${BOX[$name]} s" ;; esac
+    say_if_timed_out "$row"
 }
 
 py_part env
