@@ -58,8 +58,8 @@ __all__ = [
     "build_directory",
 ]
 
-SOURCES = ("phase_update.cpp",)
-HEADERS = ("damped_cholesky.h", "nonfinite.h", "stage_clock.h")
+SOURCES = ("phase_update.cpp", "step_plan.cpp")
+HEADERS = ("damped_cholesky.h", "nonfinite.h", "phase_update.h", "stage_clock.h", "step_plan.h")
 
 
 def _source_dir() -> Path:

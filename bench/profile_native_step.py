@@ -2,20 +2,22 @@
 
 For each case (the CPU cases of ``optimizer_step.py``: 64 × 384×384, mixed MiniLM shapes, Llama
 proportions at hidden 1024; r = 8, fp32, ``schedule="alternate"``, ``nonfinite="skip"``) and each
-phase (B steps and A steps alternate), one ``optimizer.step()`` is split into
+phase (B steps and A steps alternate), one ``optimizer.step()`` through the step plan
+(``python/altlora/step_plan.py``: every step after the first) is split into
 
-* ``python``     everything the step does outside the two native calls (bookkeeping, dispatch;
-  the median of step − extension − nonfinite over the steps); measured again alone, with both
-  calls doing nothing, once with warm caches and once after a 16 MB pass in place of the phase
+* ``python``  everything the step does outside the plan's one native call (hyper-parameter checks,
+  the schedule, the call itself; the median of step − plan over the steps); measured again alone,
+  with a plan that does nothing, once with warm caches and once after a 16 MB pass in its place
   (rows ``python alone``: ``python_us`` warm, ``python_cold_us`` cold);
-* ``nonfinite``  the read-only NaN/Inf check over every gradient (``csrc/nonfinite.h``);
-* ``extension``  the phase update call, itself split by a second copy of the library built with
-  ``-DALTLORA_PROFILE`` (``csrc/stage_clock.h``) into ``prepare`` (damped Cholesky, P, S, K),
-  ``load`` / ``scaled_grad`` / ``carry`` / ``update`` (tile form: fp32 tiles, g̃ = S·∇X,
+* ``plan``    the native call (``csrc/step_plan.cpp``), itself split by a second copy of the
+  library built with ``-DALTLORA_PROFILE`` (``csrc/stage_clock.h``) into ``survey`` (every
+  factor's storage and version, the gradients read and checked, the versions recorded),
+  ``nonfinite`` (the read-only NaN/Inf check over every gradient), ``prepare`` (damped Cholesky,
+  P, S, K), ``load`` / ``scaled_grad`` / ``carry`` / ``update`` (tile form: fp32 tiles, g̃ = S·∇X,
   K·M + (1−β1)·g̃, the new factor and every write-back), ``column_update`` (column form: the same
   four, fused per column), ``gram`` (Gram and cross-Gram partial sums) and ``finish`` (r×r
   bookkeeping). The clock measures thread-seconds; each stage is shown as its share of the
-  production library's measured wall time (the instrumented copy runs a few percent slower, shown
+  production library's measured wall time of the call (the instrumented copy runs slower, shown
   as ``instrumented/production``).
 
 Medians over ``--steps`` steps of each phase. Run on a quiet machine:
@@ -49,8 +51,8 @@ CASES = {
 }
 QUICK_CASES = {"16 × 96×96": [(96, 96)] * 16, "mixed 2 blocks/4": [(96, 96)] * 4 + [(96, 384), (384, 96)]}
 RANK = 8
-STAGES = ("prepare", "load", "scaled_grad", "carry", "update", "column_update", "gram", "finish")
-COLUMNS = ("case", "variant", "phase", "step_us", "python_us", "nonfinite_us", "extension_us") + tuple(
+STAGES = ("survey", "nonfinite", "prepare", "load", "scaled_grad", "carry", "update", "column_update", "gram", "finish")
+COLUMNS = ("case", "variant", "phase", "step_us", "python_us", "plan_us") + tuple(
     f"{s}_us" for s in STAGES) + ("instrumented/production", "python_cold_us")
 PHASE_COLUMNS = COLUMNS[:-1]  # the markdown's per-phase table; "python alone" rows get their own
 
@@ -70,68 +72,106 @@ def profiling_library():
                                   build_directory=str(directory), verbose=False)
 
 
+class TimedPlan:
+    """Stands in for one native step plan: times its step calls (and reads the stage clock)."""
+
+    def __init__(self, plan, library: "TimedLibrary"):
+        self.plan = plan
+        self.library = library
+
+    def __getattr__(self, name):
+        return getattr(self.plan, name)
+
+    def step(self, *args, **kwargs):
+        start = time.perf_counter()
+        status = self.plan.step(*args, **kwargs)
+        self.library.plan_s += time.perf_counter() - start
+        for stage, seconds in self.library.module.stage_seconds().items():
+            self.library.stages[stage] = self.library.stages.get(stage, 0.0) + seconds
+        return status
+
+
 class TimedLibrary:
-    """Stands in for the loaded library: times its two calls (and reads the stage clock)."""
+    """Stands in for the loaded library: its step plans are timed (``TimedPlan``)."""
 
     def __init__(self, module):
         self.module = module
-        self.phase_s = self.check_s = 0.0
+        self.plan_s = 0.0
         self.stages: Dict[str, float] = {}
 
     def __getattr__(self, name):
         return getattr(self.module, name)
 
-    def phase_update(self, **kw):
-        start = time.perf_counter()
-        self.module.phase_update(**kw)
-        self.phase_s += time.perf_counter() - start
-        for stage, seconds in self.module.stage_seconds().items():
-            self.stages[stage] = self.stages.get(stage, 0.0) + seconds
-
-    def nonfinite_flag(self, tensors, found):
-        start = time.perf_counter()
-        applied = self.module.nonfinite_flag(tensors, found)
-        self.check_s += time.perf_counter() - start
-        return applied
+    def StepPlan(self, *args, **kwargs):  # noqa: N802 - the extension's class name
+        return TimedPlan(self.module.StepPlan(*args, **kwargs), self)
 
     def take(self):
-        out = (self.phase_s, self.check_s, self.stages)
-        self.phase_s = self.check_s = 0.0
+        self.module.stage_seconds()  # drop what the general steps clocked
+        out = (self.plan_s, self.stages)
+        self.plan_s = 0.0
         self.stages = {}
         return out
 
 
+def _optimizer(variant: str, shapes):
+    return getattr(altlora, variant)(make_pairs(shapes, RANK, "cpu"), lr=1e-6, weight_decay=0.01, damping=1e-6,
+                                     backend="native", nonfinite="skip")
+
+
 def _run(module, shapes, variant: str, steps: int) -> Dict[str, Dict[str, List]]:
-    """Per phase ("B", "A"): lists of step, extension and check seconds and stage thread-seconds."""
+    """Per phase ("B", "A"): lists of step and plan seconds and stage thread-seconds."""
     timed = TimedLibrary(module)
     saved = native._LIBRARY.module
-    native._LIBRARY.module = timed  # both native calls of the step now go through `timed`
+    native._LIBRARY.module = timed  # the step plan the optimizer builds comes from `timed`
     try:
-        opt = getattr(altlora, variant)(make_pairs(shapes, RANK, "cpu"), lr=1e-6, weight_decay=0.01, damping=1e-6,
-                                        backend="native", nonfinite="skip")
-        for _ in range(20):  # warm-up, state initialization
+        opt = _optimizer(variant, shapes)
+        for _ in range(20):  # warm-up, state initialization, the plan
             opt.step()
         timed.take()
-        out = {phase: {"step": [], "extension": [], "check": [], "stages": []} for phase in ("B", "A")}
+        out = {phase: {"step": [], "plan": [], "stages": []} for phase in ("B", "A")}
         for _ in range(2 * steps):
             phase = opt.active_factor
             start = time.perf_counter()
             opt.step()
             elapsed = time.perf_counter() - start
-            phase_s, check_s, stages = timed.take()
+            plan_s, stages = timed.take()
+            if plan_s == 0.0:
+                raise RuntimeError("a step did not go through the step plan; is ALTLORA_STEP_PLAN=0 set?")
             record = out[phase]
             record["step"].append(elapsed)
-            record["extension"].append(phase_s)
-            record["check"].append(check_s)
+            record["plan"].append(plan_s)
             record["stages"].append(stages)
         return out
     finally:
         native._LIBRARY.module = saved
 
 
+class NoOpPlan:
+    """A step plan that does no work (``flush``: a 16 MB pass instead, so that the caches are as
+    cold afterwards as after a real step)."""
+
+    def __init__(self, buffer, seen):
+        self.buffer = buffer
+        self._seen = list(seen)
+        self.found = torch.zeros(())
+
+    def add_phase(self, **kwargs):
+        pass
+
+    def step(self, *args, **kwargs):
+        if self.buffer is not None:
+            self.buffer.add_(1.0)
+        return 0  # STEPPED
+
+    def seen(self):
+        return self._seen
+
+    def set_seen(self, seen):
+        self._seen = list(seen)
+
+
 class NoOpLibrary:
-    """Stands in for the library with calls that do no work (``flush``: a 16 MB pass instead of
-    the phase, so that the caches are as cold afterwards as after a real phase)."""
+    """Stands in for the library with calls that do no work (``flush``: see ``NoOpPlan``)."""
 
     def __init__(self, module, flush: bool):
         self.module = module
@@ -140,18 +180,17 @@ class NoOpLibrary:
     def __getattr__(self, name):
         return getattr(self.module, name)
 
-    def phase_update(self, **kw):
+    def StepPlan(self, tracked, identity, seen, *args, **kwargs):  # noqa: N802 - the extension's class name
+        return NoOpPlan(self.buffer, seen)
+
+    def flush(self):
         if self.buffer is not None:
             self.buffer.add_(1.0)
 
-    def nonfinite_flag(self, tensors, found):
-        found.zero_()
-        return True
-
 
 def python_side(module, shapes, variant: str, steps: int) -> Dict[str, float]:
-    """Median µs of the step's Python side alone: both native calls do nothing (``warm``), or
-    the phase is a 16 MB pass whose own time is subtracted (``cold``)."""
+    """Median µs of the step's Python side alone: the step plan does nothing (``warm``), or a
+    16 MB pass whose own time is subtracted (``cold``)."""
     out = {}
     for label, flush in (("warm", False), ("cold", True)):
         stand_in = NoOpLibrary(module, flush)
@@ -160,20 +199,23 @@ def python_side(module, shapes, variant: str, steps: int) -> Dict[str, float]:
             times = []
             for _ in range(50):
                 start = time.perf_counter()
-                stand_in.phase_update()
+                stand_in.flush()
                 times.append(time.perf_counter() - start)
             flush_s = statistics.median(times)
         saved = native._LIBRARY.module
-        native._LIBRARY.module = stand_in
         try:
-            opt = getattr(altlora, variant)(make_pairs(shapes, RANK, "cpu"), lr=1e-6, weight_decay=0.01, damping=1e-6,
-                                            backend="native", nonfinite="skip")
+            opt = _optimizer(variant, shapes)
+            opt.step()  # the first step is a general one (real work), and builds the plan
+            native._LIBRARY.module = stand_in
+            opt._plan = None  # rebuilt by the next (general) step from the stand-in
             times = []
             for i in range(20 + 2 * steps):
                 start = time.perf_counter()
                 opt.step()
                 if i >= 20:
                     times.append(time.perf_counter() - start)
+            if not isinstance(opt._plan.native._plan, NoOpPlan):
+                raise RuntimeError("the optimizer did not step through the stand-in plan")
         finally:
             native._LIBRARY.module = saved
         out[label] = (statistics.median(times) - flush_s) * 1e6
@@ -189,18 +231,17 @@ def run(steps: int, quick: bool = False) -> List[Dict]:
             plain = _run(production, shapes, variant, steps)
             split = _run(instrumented, shapes, variant, steps)
             for phase in ("B", "A"):
-                step = statistics.median(plain[phase]["step"])
-                extension = statistics.median(plain[phase]["extension"])
-                check = statistics.median(plain[phase]["check"])
                 record = plain[phase]
-                python = statistics.median(s - e - c for s, e, c in zip(record["step"], record["extension"], record["check"]))
+                step = statistics.median(record["step"])
+                plan = statistics.median(record["plan"])
+                python = statistics.median(s - p for s, p in zip(record["step"], record["plan"]))
                 row = {"case": case, "variant": variant, "phase": phase, "step_us": step * 1e6,
-                       "python_us": python * 1e6, "nonfinite_us": check * 1e6, "extension_us": extension * 1e6}
+                       "python_us": python * 1e6, "plan_us": plan * 1e6}
                 totals = {s: sum(d.get(s, 0.0) for d in split[phase]["stages"]) for s in STAGES}
                 clocked = sum(totals.values()) or 1.0
                 for s in STAGES:
-                    row[f"{s}_us"] = extension * totals[s] / clocked * 1e6
-                row["instrumented/production"] = statistics.median(split[phase]["extension"]) / extension
+                    row[f"{s}_us"] = plan * totals[s] / clocked * 1e6
+                row["instrumented/production"] = statistics.median(split[phase]["plan"]) / plan
                 rows.append(row)
             side = python_side(production, shapes, variant, steps)
             rows.append({"case": case, "variant": variant, "phase": "python alone",
@@ -211,7 +252,7 @@ def run(steps: int, quick: bool = False) -> List[Dict]:
 def markdown(rows: List[Dict], env: Dict[str, str], command: str) -> str:
     lines = [f"# {DESCRIPTION}", "", f"- command: `{command}`"] + [f"- {k}: {v}" for k, v in env.items()] + [
         "", "Median µs per step of each phase (alternate schedule: B and A steps alternate); the stages split the",
-        "extension's wall time by the profiling build's thread-seconds. See bench/profile_native_step.py.", "",
+        "plan call's wall time by the profiling build's thread-seconds. See bench/profile_native_step.py.", "",
         "| " + " | ".join(PHASE_COLUMNS) + " |", "|" + "---|" * len(PHASE_COLUMNS)]
     for row in rows:
         if row["phase"] == "python alone":
@@ -219,8 +260,8 @@ def markdown(rows: List[Dict], env: Dict[str, str], command: str) -> str:
         cells = [f"{row[c]:.0f}" if c.endswith("_us") else f"{row[c]:.2f}" if isinstance(row[c], float) else str(row[c])
                  for c in PHASE_COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "The step's Python side alone, median µs: both native calls replaced by calls that do nothing",
-              "(`warm`), or the phase by a 16 MB pass whose own time is subtracted (`cold`: the caches as a real",
+    lines += ["", "The step's Python side alone, median µs: the plan's call replaced by one that does nothing",
+              "(`warm`), or by a 16 MB pass whose own time is subtracted (`cold`: the caches as a real",
               "phase, or a forward and backward, leave them).", "",
               "| case | variant | warm | cold |", "|---|---|---|---|"]
     for row in rows:

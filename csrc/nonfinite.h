@@ -18,6 +18,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "stage_clock.h"
+
 namespace altlora_native {
 
 constexpr int64_t kNonfinitePiece = 1 << 15;
@@ -51,34 +53,49 @@ inline bool is_checked_dtype(at::ScalarType dtype) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
-// found_inf (a one-element float32 CPU tensor) ← 1 if any element of `tensors` is not finite, else
-// 0, and true; or false, with found_inf untouched, when a tensor is not a dense contiguous CPU
-// tensor with storage, of a float dtype above (the caller then uses torch's check). Deciding
-// here costs nothing; in Python it would be three attribute reads per tensor, more than the
-// check itself for small gradients.
-inline bool nonfinite_flag(const std::vector<at::Tensor>& tensors, at::Tensor& found_inf) {
-  TORCH_CHECK_VALUE(found_inf.numel() == 1 && found_inf.device().is_cpu() && found_inf.scalar_type() == at::kFloat,
-                    "found_inf must be a one-element float32 CPU tensor");
+// Whether the check below can read `t`: a dense contiguous CPU tensor with storage, of a float
+// dtype above. (Layout and storage first: is_contiguous() throws for sparse tensors, and a tensor
+// subclass without storage, a DTensor wrapper, has no data to read here.)
+inline bool nonfinite_checkable(const at::Tensor& t) {
+  return t.layout() == at::kStrided && t.has_storage() && t.device().is_cpu() && t.is_contiguous() &&
+         is_checked_dtype(t.scalar_type());
+}
+
+// Whether any element of `tensors` (each nonfinite_checkable) is a NaN or an Inf.
+inline bool any_nonfinite(const std::vector<const at::Tensor*>& tensors) {
   struct Piece {
     const at::Tensor* tensor;
     int64_t begin, end;
   };
   std::vector<Piece> pieces;
-  for (const at::Tensor& t : tensors) {
-    // Layout and storage first: is_contiguous() throws for sparse tensors, and a tensor subclass
-    // without storage (a DTensor wrapper) has no data to read here.
-    if (t.layout() != at::kStrided || !t.has_storage() || !t.device().is_cpu() || !t.is_contiguous() ||
-        !is_checked_dtype(t.scalar_type()))
-      return false;
-    for (int64_t b = 0; b < t.numel(); b += kNonfinitePiece) pieces.push_back({&t, b, std::min(t.numel(), b + kNonfinitePiece)});
+  for (const at::Tensor* t : tensors) {
+    for (int64_t b = 0; b < t->numel(); b += kNonfinitePiece) pieces.push_back({t, b, std::min(t->numel(), b + kNonfinitePiece)});
   }
   std::atomic<bool> found{false};
   at::parallel_for(0, static_cast<int64_t>(pieces.size()), 1, [&](int64_t begin, int64_t end) {
+    StageClock clock;
     for (int64_t p = begin; p < end && !found.load(std::memory_order_relaxed); ++p) {
       if (piece_is_nonfinite(*pieces[p].tensor, pieces[p].begin, pieces[p].end)) found.store(true, std::memory_order_relaxed);
     }
+    clock.lap(Stage::Nonfinite);
   });
-  *found_inf.data_ptr<float>() = found.load() ? 1.0f : 0.0f;
+  return found.load();
+}
+
+// found_inf (a one-element float32 CPU tensor) ← 1 if any element of `tensors` is not finite, else
+// 0, and true; or false, with found_inf untouched, when a tensor is not nonfinite_checkable (the
+// caller then uses torch's check). Deciding here costs nothing; in Python it would be three
+// attribute reads per tensor, more than the check itself for small gradients.
+inline bool nonfinite_flag(const std::vector<at::Tensor>& tensors, at::Tensor& found_inf) {
+  TORCH_CHECK_VALUE(found_inf.numel() == 1 && found_inf.device().is_cpu() && found_inf.scalar_type() == at::kFloat,
+                    "found_inf must be a one-element float32 CPU tensor");
+  std::vector<const at::Tensor*> checked;
+  checked.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) {
+    if (!nonfinite_checkable(t)) return false;
+    checked.push_back(&t);
+  }
+  *found_inf.data_ptr<float>() = any_nonfinite(checked) ? 1.0f : 0.0f;
   found_inf.unsafeGetTensorImpl()->bump_version();
   return true;
 }

@@ -48,7 +48,9 @@
 
 #include "damped_cholesky.h"
 #include "nonfinite.h"
+#include "phase_update.h"
 #include "stage_clock.h"
+#include "step_plan.h"
 
 namespace altlora_native {
 namespace {
@@ -76,15 +78,6 @@ constexpr int64_t kMinWorkPerThread = 16384;
 // parallel region; below it, layers are split into column chunks and the call needs three.
 constexpr int64_t kLayersPerThreadUnsplit = 4;
 
-struct HyperParams {
-  double lr;
-  double beta1;
-  double weight_decay;
-  double damping;
-  bool adaptive;
-  double beta2;
-  double eps;
-};
 
 // A matrix in row form: element (i, j) at data[i * row_stride + j * col_stride].
 template <typename T>
@@ -109,26 +102,6 @@ T& element(const at::Tensor& vec, int64_t i) {
   return static_cast<T*>(vec.data_ptr())[i * vec.stride(0)];
 }
 
-// One FactorGroup of phase_update.py, with its work layout and scratch.
-struct Group {
-  const std::vector<at::Tensor>* params;
-  const std::vector<at::Tensor>* grads;
-  bool transposed;
-  at::Tensor momentum, variance, step, gram, cross, other_gram, other_cross, inv_scale_sq, snapshot;
-  at::ScalarType dtype;
-  int64_t layers, rank, cols;
-  int64_t tile_cols, chunk_cols, chunks;
-  std::vector<float> coefficients;  // per layer: S then K, r² each (step 1 → step 2)
-  std::vector<double> partials;     // per (layer, chunk): gram then cross sums, r² each (step 2 → step 3)
-
-  float* coefficient_matrices(int64_t l) { return coefficients.data() + l * 2 * rank * rank; }
-  double* partial_sums(int64_t l, int64_t chunk) { return partials.data() + (l * chunks + chunk) * 2 * rank * rank; }
-  double* zeroed_partial_sums(int64_t l, int64_t chunk) {
-    double* sums = partial_sums(l, chunk);
-    std::fill(sums, sums + 2 * rank * rank, 0.0);
-    return sums;
-  }
-};
 
 // ------------------------------------------------------------------ input checks
 
@@ -678,7 +651,9 @@ void bump_version(const at::Tensor& t) {
   if (t.defined()) t.unsafeGetTensorImpl()->bump_version();
 }
 
-// ------------------------------------------------------------------ entry point
+}  // namespace
+
+// ------------------------------------------------------------------ entry points
 
 std::vector<Group> make_groups(
     const std::vector<std::vector<at::Tensor>>& params, const std::vector<std::vector<at::Tensor>>& grads,
@@ -775,7 +750,10 @@ void phase_update(
                       found_inf->device());
     if (found_inf->item<double>() != 0.0) return;  // skipped phase: nothing changes
   }
+  run_groups(groups, hp, policy);
+}
 
+void run_groups(std::vector<Group>& groups, const HyperParams& hp, const DampingPolicy& policy) {
   std::vector<WorkItem> layers, chunks;
   int64_t tile_elements = 0, max_rank = 0;
   for (Group& g : groups) {
@@ -850,7 +828,6 @@ std::pair<at::Tensor, at::Tensor> damped_cholesky_batch(const at::Tensor& gram, 
   return {factor, rung};
 }
 
-}  // namespace
 }  // namespace altlora_native
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -881,4 +858,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(lower factors, rungs) of a batch of Grams under the damping ladder", py::arg("gram"), py::arg("damping"),
         py::arg("pivot_floor"), py::arg("escalation"), py::arg("absolute_floor"),
         py::call_guard<py::gil_scoped_release>());
+  altlora_native::bind_step_plan(m);
 }

@@ -27,11 +27,13 @@ enum class Stage : int {
   Gram,           // both forms: partial sums of X_new·X_newᵀ and X_new·X_refᵀ
   ColumnUpdate,   // column form: load, g̃, carry, update and write-back of each column, fused
   Finish,         // Gram/cross-Gram from the partial sums, counters
+  Survey,         // step plan: storage and version of every factor, gradients read and checked, versions recorded
+  Nonfinite,      // the read-only NaN/Inf check over the gradients
   Count
 };
 
 constexpr std::array<const char*, static_cast<int>(Stage::Count)> kStageNames = {
-    "prepare", "load", "scaled_grad", "carry", "update", "gram", "column_update", "finish"};
+    "prepare", "load", "scaled_grad", "carry", "update", "gram", "column_update", "finish", "survey", "nonfinite"};
 
 #ifdef ALTLORA_PROFILE
 inline std::array<std::atomic<int64_t>, static_cast<int>(Stage::Count)>& stage_totals() {

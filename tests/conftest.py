@@ -11,8 +11,9 @@ this machine's CPU, so that a test written once runs for each of them:
 
 ``interpreter``: ``TRITON_INTERPRET=1`` for one test, with the Triton work tables cleared around it.
 
-``phase_calls``: the calls that reached the chosen backend's ``phase_update`` during the test, to
-show that the backend really ran and nothing fell back quietly.
+``phase_calls``: the calls that reached the chosen backend's ``phase_update`` during the test (for
+native also the phases its step plan ran), to show that the backend really ran and nothing fell
+back quietly.
 
 Shared problems, the oracle runs and the oracle matrix are in ``problems.py`` and ``oracle.py``.
 """
@@ -62,4 +63,18 @@ def phase_calls(backend, monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, "phase_update", counted)
+    if backend == "native":
+        # After the first step the native phases usually run through the optimizer's step plan
+        # (python/altlora/step_plan.py), which calls the library without this module's function.
+        from altlora_kernels import native_step_plan
+
+        planned = native_step_plan.NativeStepPlan.step
+
+        def counted_plan(self, phases, *args, **kwargs):
+            status = planned(self, phases, *args, **kwargs)
+            if status == native_step_plan.STEPPED:
+                calls.extend([backend] * len(phases))
+            return status
+
+        monkeypatch.setattr(native_step_plan.NativeStepPlan, "step", counted_plan)
     return calls

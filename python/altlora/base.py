@@ -31,6 +31,7 @@ from .other_params import OtherParams, check_loaded
 from .pairs import LoRAPair
 from .param_groups import ADAMW, KIND, Admission, collect_param_groups
 from .state import CROSS_GRAM, GRAM
+from .step_plan import FALL_BACK, SKIPPED, StepPlan
 from .variants import Variant
 
 # Readers used through map() in the per-step gathering (C-level loops over every parameter).
@@ -64,6 +65,8 @@ class AltLoRAOptimizerBase(Optimizer):
         self._others = OtherParams()
         self._step_index = 0
         self._skipped: Optional[torch.Tensor] = None
+        # The fast path of the usual step (step_plan.py); None until a general step builds one.
+        self._plan: Optional[StepPlan] = None
         self._lora.coordinator.check_step(self.freeze_inactive)
         if isinstance(params, nn.Module):
             check_no_zero3_parameters(params.named_parameters())
@@ -80,6 +83,7 @@ class AltLoRAOptimizerBase(Optimizer):
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         """Add ``{"pairs": [...], **hparams}`` and/or ``{"params": [...], ...}`` (see ``param_groups.py``)."""
+        self._drop_plan()  # built on the old groups
         for group, pairs in self._admission.admit(param_group, self.param_groups):
             index = len(self.param_groups)
             if pairs is not None:
@@ -137,6 +141,11 @@ class AltLoRAOptimizerBase(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._check_groups()
+        plan = self._plan
+        if plan is not None:
+            if self._planned_step(plan):
+                return loss
+            self._drop_plan()  # until this general step completes
         self._lora.follow_moved(self.state, self.variant.state_keys)
         self._others.follow([p for g in self.param_groups if g[KIND] == ADAMW for p in g["params"]], self.state)
         work, others, given = self._gather()
@@ -158,7 +167,36 @@ class AltLoRAOptimizerBase(Optimizer):
         for index, params in others:
             self._others.step(self.param_groups[index], params, self.state, found_inf, self._lora.coordinator.local_all)
         self._advance(work, found_inf)
+        self._plan = StepPlan.after_general_step(plan, self._lora, self.schedule, self.variant.adaptive, self.param_groups)
         return loss
+
+    def _drop_plan(self) -> None:
+        if self._plan is not None:
+            self._plan.hand_back()  # what comes next compares with the plan's last write
+            self._plan = None
+
+    def _planned_step(self, plan: StepPlan) -> bool:
+        """The step through ``plan`` (``step_plan.py``); False when the general step must run
+        instead (then nothing was written)."""
+        others, extra = [], []
+        for index in plan.adamw:
+            params = self.param_groups[index]["params"]
+            with_grad = [(p, g) for p, g in zip(params, map(_GRAD, params)) if g is not None]
+            if with_grad:
+                others.append((index, [p for p, _ in with_grad]))
+                extra += map(_SECOND, with_grad)
+        if plan.adamw:
+            self._others.follow([p for i in plan.adamw for p in self.param_groups[i]["params"]], self.state)
+        skip = self.nonfinite == "skip"
+        hparams = [self.variant.phase_inputs(self.param_groups[index]) for index in plan.units]
+        status = plan.step(self.schedule.phases(self._step_index), hparams, skip, extra)
+        if status in FALL_BACK:
+            return False
+        found_inf = plan.found if skip else None
+        for index, params in others:
+            self._others.step(self.param_groups[index], params, self.state, found_inf, self._lora.coordinator.local_all)
+        self._finish_step(found_inf, skipped=status == SKIPPED)
+        return True
 
     def _check_groups(self) -> None:
         """Hyper-parameters (schedulers write them), and engines that swapped the factors out."""
@@ -230,8 +268,16 @@ class AltLoRAOptimizerBase(Optimizer):
     def _advance(self, work, found_inf: Optional[torch.Tensor]) -> None:
         for _, pg, _ in work:
             pg.record_seen()
+        self._finish_step(found_inf)
+
+    def _finish_step(self, found_inf: Optional[torch.Tensor], skipped: Optional[bool] = None) -> None:
+        """Count a skipped step (``found_inf`` set: skip mode; ``skipped`` False, known on the host:
+        nothing to add) and move the schedule on."""
         if found_inf is not None:
-            self._skipped = found_inf.clone() if self._skipped is None else self._skipped + found_inf.to(self._skipped.device)
+            if self._skipped is None:
+                self._skipped = found_inf.clone()
+            elif skipped is not False:
+                self._skipped = self._skipped + found_inf.to(self._skipped.device)
         self._step_index += 1
         self._apply_freeze()
 
@@ -262,6 +308,7 @@ class AltLoRAOptimizerBase(Optimizer):
                 if new_state.get(p):
                     check_loaded(p, new_state[p], self._admission.display(p))
         rebuilt = self._lora.loaded(new_state, self.variant.state_keys)
+        self._drop_plan()  # built on the old groups and state
         C.restore_hparams(state_dict, self.param_groups)
         self.state = new_state
         self._lora.by_index = rebuilt

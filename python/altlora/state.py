@@ -99,6 +99,11 @@ class PairGroup:
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def matrix_shaped(self) -> bool:
+        """Every factor is 2-D: its gradient is the matrix a phase works on."""
+        return self._matrix_shaped
+
     # Hooks for sharded parameters (altlora.distributed overrides them): the matrices a phase
     # works on, the per-parameter view of a state buffer, a saved state value as a buffer row,
     # and what tells that a parameter was written outside the optimizer.
@@ -226,6 +231,18 @@ class PairGroup:
 
     def record_seen(self) -> None:
         self._seen = self._tracked_all(self._flat)
+
+    def tracked(self) -> Optional[Tuple[List[torch.Tensor], List[int], List[int]]]:
+        """``(factors, storage addresses, versions)`` as of our last write, every factor in
+        FACTORS × pair order, for a step plan (``step_plan.py``) that takes over the tracking; None
+        when not known (nothing written yet, or a factor has a new storage since)."""
+        if self._seen is None or [ptr for _, ptr in self._seen] != self.identity:
+            return None
+        return list(self._flat), list(self.identity), [version for version, _ in self._seen]
+
+    def adopt_seen(self, versions: Sequence[int]) -> None:
+        """The versions of our last write, as a step plan recorded them (storage unchanged)."""
+        self._seen = list(zip(versions, self.identity))
 
     def carry_seen(self, old: Sequence["PairGroup"]) -> None:
         """After a rebuild on new tensors: a factor with its old dtype and device (only the storage
