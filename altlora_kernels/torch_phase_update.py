@@ -110,6 +110,13 @@ def _preconditioners(groups: Sequence[FactorGroup], hp: PhaseHyperParams) -> Lis
     return out
 
 
+def _decayed(x: torch.Tensor, hp: PhaseHyperParams, out: torch.Tensor) -> torch.Tensor:
+    """``(1 − η·γ)·x`` written into ``out`` (a spent temporary of x's shape and dtype)."""
+    if hp.weight_decay:
+        return torch.mul(x, 1.0 - hp.lr * hp.weight_decay, out=out)
+    return out.copy_(x)
+
+
 def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optional[torch.Tensor],
                         precond: torch.Tensor, carry: torch.Tensor) -> None:
     t = g.transposed
@@ -138,15 +145,16 @@ def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optiona
         # and one addcdiv instead of five.
         root_bias2 = (1.0 - torch.pow(hp.beta2, new_step)).sqrt_()[:, None, None]
         bias1 = (1.0 - torch.pow(hp.beta1, new_step))[:, None, None]
-        denominator = new_variance.sqrt().add_(hp.eps * root_bias2)
-        numerator = new_momentum * (root_bias2 / bias1)
-        x_new = x_old * (1.0 - hp.lr * hp.weight_decay) if hp.weight_decay else x_old.clone()
-        x_new = x_new.addcdiv_(numerator, denominator, value=-hp.lr)
+        # NOTE: carried, scaled_grad and grad are spent here; the denominator, the numerator and
+        # the new factor reuse them. Each (L, *shape) temporary is a fresh allocation otherwise,
+        # on the CPU often a fresh mapping whose pages fault in at every step.
+        denominator = torch.sqrt(new_variance, out=carried).add_(hp.eps * root_bias2)
+        numerator = torch.mul(new_momentum, root_bias2 / bias1, out=scaled_grad)
+        x_new = _decayed(x_old, hp, out=grad).addcdiv_(numerator, denominator, value=-hp.lr)
     else:
         carried = _left(carry * hp.beta1, g.momentum, t)  # β1·M̃
         new_momentum = _left_add(carried, precond * (1.0 - hp.beta1), grad, t, out=momentum_out)
-        x_new = x_old * (1.0 - hp.lr * hp.weight_decay) if hp.weight_decay else x_old
-        x_new = torch.sub(x_new, new_momentum, alpha=hp.lr)
+        x_new = _decayed(x_old, hp, out=grad).sub_(new_momentum, alpha=hp.lr)  # grad is spent: reused
 
     new_stored = x_new.to(stored.dtype)
     reference = x_old if g.snapshot is None else g.snapshot.to(compute)
