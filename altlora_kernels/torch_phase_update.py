@@ -79,24 +79,26 @@ def phase_update_torch(
         if bool(found_inf.item()):
             return
         found_inf = None
-    for g, (precond, carry) in zip(groups, _preconditioners(groups, hp)):
-        _phase_update_group(g, hp, found_inf, precond, carry)
+    for g, per_layer in zip(groups, _per_layer_factors(groups, hp)):
+        _phase_update_group(g, hp, found_inf, *per_layer)
 
 
-def _preconditioners(groups: Sequence[FactorGroup], hp: PhaseHyperParams) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """Per group, ``(P/s², P·C_Y)`` (see the module docstring), the groups of one rank, dtype and
-    device batched together: a dozen ops on r×r matrices per batch instead of per group (each op
-    costs several µs whatever its size; mixed layer shapes make several groups per phase)."""
+def _per_layer_factors(groups: Sequence[FactorGroup], hp: PhaseHyperParams) -> List[tuple]:
+    """Per group, ``(P/s², P·C_Y, new step counts, AltLoRA+ bias factors or None)`` (see the
+    module docstring; for AltLoRA the first two times 1−β1 and β1), the groups of one rank, dtype and device batched together: a dozen ops on
+    r×r matrices and a few on per-layer scalars per batch instead of per group (each op costs
+    several µs whatever its size; mixed layer shapes make several groups per phase)."""
     batches: Dict[tuple, List[int]] = {}
     for i, g in enumerate(groups):
         batches.setdefault((g.other_gram.shape[-1], g.other_gram.dtype, g.other_gram.device), []).append(i)
-    out: List[Optional[Tuple[torch.Tensor, torch.Tensor]]] = [None] * len(groups)
+    out: List[Optional[tuple]] = [None] * len(groups)
     for members in batches.values():
         batch = [groups[i] for i in members]
         one = len(batch) == 1
         gram = batch[0].other_gram if one else torch.cat([g.other_gram for g in batch])
         cross = batch[0].other_cross if one else torch.cat([g.other_cross for g in batch])
         inv_scale_sq = batch[0].inv_scale_sq if one else torch.cat([g.inv_scale_sq for g in batch])
+        step = batch[0].step if one else torch.cat([g.step for g in batch])
         # NOTE: P is formed from the Cholesky factor of the *damped* Gram (never by inverting a raw
         # Gram) and applied with bmm: for r ≤ 128 this is as accurate as cholesky_solve and several
         # times faster than a batched triangular solve with d right-hand sides. Scalars (1/s²) are
@@ -104,9 +106,22 @@ def _preconditioners(groups: Sequence[FactorGroup], hp: PhaseHyperParams) -> Lis
         inverse = torch.cholesky_inverse(damped_cholesky(gram, hp.damping))  # P
         carry = torch.bmm(inverse, cross)  # P · C_Y
         precond = inverse * inv_scale_sq[:, None, None]  # P / s²
+        if not hp.adaptive:  # AltLoRA: β1 and 1−β1 folded in too (AltLoRA+ applies them in a lerp)
+            precond = precond * (1.0 - hp.beta1)
+            carry = carry * hp.beta1
+        new_step = step + 1.0
         sizes = [len(g.params) for g in batch]
-        for i, p, c in zip(members, precond.split(sizes), carry.split(sizes)):
-            out[i] = (p, c)
+        parts = [precond.split(sizes), carry.split(sizes), new_step.split(sizes)]
+        if hp.adaptive:
+            # (M/b1) / (sqrt(V/b2) + ε) = (M·sqrt(b2)/b1) / (sqrt(V) + ε·sqrt(b2)), b = 1 − βⁿ per
+            # layer: the bias corrections become two (L, 1, 1) factors, the numerator's and ε's,
+            # and the d-sized work two passes and one addcdiv instead of five.
+            root_bias2 = (1.0 - torch.pow(hp.beta2, new_step)).sqrt_()[:, None, None]
+            bias1 = (1.0 - torch.pow(hp.beta1, new_step))[:, None, None]
+            parts += [(root_bias2 / bias1).split(sizes), (hp.eps * root_bias2).split(sizes)]
+        for position, i in enumerate(members):
+            precond_i, carry_i, step_i, *bias_i = (part[position] for part in parts)
+            out[i] = (precond_i, carry_i, step_i, tuple(bias_i) if hp.adaptive else None)
     return out
 
 
@@ -118,7 +133,8 @@ def _decayed(x: torch.Tensor, hp: PhaseHyperParams, out: torch.Tensor) -> torch.
 
 
 def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optional[torch.Tensor],
-                        precond: torch.Tensor, carry: torch.Tensor) -> None:
+                        precond: torch.Tensor, carry: torch.Tensor, new_step: torch.Tensor,
+                        bias: Optional[Tuple[torch.Tensor, torch.Tensor]]) -> None:
     t = g.transposed
     # Without found_inf every state buffer is written in place by the op that computes it; with
     # it, new values go to temporaries and a torch.where keeps the old ones on a skipped phase.
@@ -129,9 +145,8 @@ def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optiona
     x_old = stored.to(compute)
     grad = torch.stack(list(g.grads)).to(compute)
 
-    # β1 and 1−β1 are folded into the r×r matrices too (precond = P/s², carry = P·C_Y).
+    # precond and carry come from _per_layer_factors (for AltLoRA with β1 and 1−β1 folded in).
     momentum_out = g.momentum if direct else None
-    new_step = g.step + 1.0
     if hp.adaptive:
         scaled_grad = _left(precond, grad, t)  # g̃
         carried = _left(carry, g.momentum, t)  # M̃
@@ -140,20 +155,16 @@ def _phase_update_group(g: FactorGroup, hp: PhaseHyperParams, found_inf: Optiona
             new_variance = g.variance.mul_(hp.beta2).addcmul_(scaled_grad, scaled_grad, value=1.0 - hp.beta2)
         else:
             new_variance = torch.addcmul(g.variance * hp.beta2, scaled_grad, scaled_grad, value=1.0 - hp.beta2)
-        # (M/b1) / (sqrt(V/b2) + ε) = (M·sqrt(b2)/b1) / (sqrt(V) + ε·sqrt(b2)), b = 1 − βⁿ per
-        # layer: the bias corrections become (L, 1, 1) factors, and the d-sized work two passes
-        # and one addcdiv instead of five.
-        root_bias2 = (1.0 - torch.pow(hp.beta2, new_step)).sqrt_()[:, None, None]
-        bias1 = (1.0 - torch.pow(hp.beta1, new_step))[:, None, None]
+        numerator_factor, eps_factor = bias  # the bias corrections (_per_layer_factors)
         # NOTE: carried, scaled_grad and grad are spent here; the denominator, the numerator and
         # the new factor reuse them. Each (L, *shape) temporary is a fresh allocation otherwise,
         # on the CPU often a fresh mapping whose pages fault in at every step.
-        denominator = torch.sqrt(new_variance, out=carried).add_(hp.eps * root_bias2)
-        numerator = torch.mul(new_momentum, root_bias2 / bias1, out=scaled_grad)
+        denominator = torch.sqrt(new_variance, out=carried).add_(eps_factor)
+        numerator = torch.mul(new_momentum, numerator_factor, out=scaled_grad)
         x_new = _decayed(x_old, hp, out=grad).addcdiv_(numerator, denominator, value=-hp.lr)
     else:
-        carried = _left(carry * hp.beta1, g.momentum, t)  # β1·M̃
-        new_momentum = _left_add(carried, precond * (1.0 - hp.beta1), grad, t, out=momentum_out)
+        carried = _left(carry, g.momentum, t)  # β1·M̃ (carry = β1·P·C_Y)
+        new_momentum = _left_add(carried, precond, grad, t, out=momentum_out)  # precond = (1−β1)·P/s²
         x_new = _decayed(x_old, hp, out=grad).sub_(new_momentum, alpha=hp.lr)  # grad is spent: reused
 
     new_stored = x_new.to(stored.dtype)
