@@ -21,7 +21,8 @@
 //        contiguous values; each column is updated with r-wide vector work, and G, C grow by
 //        outer products (update_columns);
 //      - tile form (everything else, e.g. A stored (r, d)): tiles of r rows × a few dozen
-//        columns converted to fp32, updated with column-wide vector work (update_chunk);
+//        columns converted to fp32 (fp32 ∇X and M with contiguous rows are read in place),
+//        updated with column-wide vector work (update_chunk);
 //   3. gram and cross from the partial sums, other_cross ← other_gram, n ← n + 1.
 // Work items go to threads by a static longest-first balance of their sizes (layers of mixed
 // shapes are common). With many layers an item is a whole layer (1–3 in sequence, one parallel
@@ -220,9 +221,11 @@ void store_tile(const float* src, int64_t ld, int64_t r, int64_t j0, int64_t wid
   }
 }
 
-// out[i, :] = Σ_k A[i, k]·in[k, :] for r×r A, over `padded` (a multiple of kLanes) columns.
-// Blocks of kRowBlock output rows × kLanes columns stay in registers while k runs.
-inline void small_matmul(const float* A, const float* in, float* out, int64_t r, int64_t padded, int64_t ld) {
+// out[i, :] = Σ_k A[i, k]·in[k, :] for r×r A, over `padded` (a multiple of kLanes) columns; rows
+// of `in` are `ld_in` apart (a tile's ld, or the row stride of a matrix read in place), rows of
+// `out` `ld`. Blocks of kRowBlock output rows × kLanes columns stay in registers while k runs.
+inline void small_matmul(const float* A, const float* in, int64_t ld_in, float* out, int64_t r, int64_t padded,
+                         int64_t ld) {
   for (int64_t i0 = 0; i0 < r; i0 += kRowBlock) {
     const int64_t rows = std::min(kRowBlock, r - i0);
     const float* a_row[kRowBlock];
@@ -230,7 +233,7 @@ inline void small_matmul(const float* A, const float* in, float* out, int64_t r,
     for (int64_t t0 = 0; t0 < padded; t0 += kLanes) {
       float acc[kRowBlock][kLanes] = {};
       for (int64_t k = 0; k < r; ++k) {
-        const float* x = in + k * ld + t0;
+        const float* x = in + k * ld_in + t0;
         for (int64_t ii = 0; ii < kRowBlock; ++ii) {
           const float a = a_row[ii][k];
 #pragma omp simd
@@ -336,13 +339,32 @@ void update_chunk(Group& g, int64_t l, int64_t chunk, const HyperParams& hp, Til
     const int64_t padded = (w + kLanes - 1) / kLanes * kLanes;  // ≤ ld; columns beyond w are scratch
     StageClock clock;
     load_tile(X_read, r, j0, w, tile.x_old, ld);
-    load_tile(dX, r, j0, w, tile.grad, ld);
-    load_tile(RowForm<const float>{M.data, M.row_stride, M.col_stride}, r, j0, w, tile.m_old, ld);
+    // ∇X and M feed only the two products: fp32 rows with contiguous columns are read in place
+    // (a full tile: the products read `padded` columns), anything else through a tile. X is
+    // always copied: the Gram sums read its old values after the new ones are stored.
+    const bool full = w == padded;
+    const float* grad_rows = tile.grad;
+    int64_t grad_ld = ld;
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (full && dX.col_stride == 1) {
+        grad_rows = dX.data + j0;
+        grad_ld = dX.row_stride;
+      }
+    }
+    if (grad_rows == tile.grad) load_tile(dX, r, j0, w, tile.grad, ld);
+    const float* m_rows = tile.m_old;
+    int64_t m_ld = ld;
+    if (full && M.col_stride == 1) {
+      m_rows = M.data + j0;
+      m_ld = M.row_stride;
+    } else {
+      load_tile(RowForm<const float>{M.data, M.row_stride, M.col_stride}, r, j0, w, tile.m_old, ld);
+    }
     clock.lap(Stage::Load);
 
-    small_matmul(S, tile.grad, tile.scaled_grad, r, padded, ld);  // g̃ = S·∇X
+    small_matmul(S, grad_rows, grad_ld, tile.scaled_grad, r, padded, ld);  // g̃ = S·∇X
     clock.lap(Stage::ScaledGrad);
-    small_matmul(K, tile.m_old, tile.m_new, r, padded, ld);       // K·M
+    small_matmul(K, m_rows, m_ld, tile.m_new, r, padded, ld);              // K·M
     for (int64_t i = 0; i < r * ld; i += ld) {
       float* m = tile.m_new + i;
       const float* sg = tile.scaled_grad + i;

@@ -237,6 +237,23 @@ def test_column_form_and_tile_form_agree(extension, r):
         torch.testing.assert_close(_outputs(contiguous)[key], value, rtol=1e-5, atol=atol, msg=lambda m: f"{key}: {m}")
 
 
+@pytest.mark.parametrize("r,n", [(8, 300), (3, 700)])
+def test_tile_form_reads_fp32_rows_in_place_with_the_same_bits(extension, r, n):
+    # A stored (r, n) in fp32: full tiles read ∇X and M in place, the tail tile through copies; a
+    # strided view of the same values takes copies everywhere. Same arithmetic, so the same bits.
+    direct = _factor_group(L=3, r=r, n=n, transposed=False, adaptive=True, seed=7)
+    copied = _clone(direct)
+    copied = K.FactorGroup(**{**copied.__dict__,
+                              "params": [torch.empty(r, 2 * n)[:, ::2].copy_(p) for p in copied.params],
+                              "grads": [torch.empty(r, 2 * n)[:, ::2].copy_(g) for g in copied.grads]})
+    assert direct.params[0].is_contiguous() and copied.grads[0].stride() == (2 * n, 2)
+    hp = K.PhaseHyperParams(**{**HP.__dict__, "adaptive": True})
+    native.phase_update([direct], hp)
+    native.phase_update([copied], hp)
+    for key, value in _outputs(copied).items():
+        assert torch.equal(_outputs(direct)[key], value), key
+
+
 # Ranks the column form is built for, against the float64 oracle over many steps: B is (k, r).
 COLUMN_FORM_LAYERS = [(16, 23, 40, 8.0), (32, 37, 70, 4.0), (64, 70, 90, 2.0), (8, 11, 2101, 16.0)]
 
